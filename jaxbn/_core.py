@@ -1,0 +1,210 @@
+"""The one normalization core shared by batch, layer and group norm.
+
+Every norm in jaxbn is the same computation on an array ``x`` that has been
+arranged so that
+
+* ``stat_axes`` are the axes the statistics are reduced over, and
+* ``gamma``/``beta`` have ``x``'s rank, with size 1 on every axis they are
+  broadcast over (their gradient is summed over those axes).
+
+Batch norm reduces over everything but the feature axes, layer norm over the
+feature axes, group norm over the spatial axes and the channels of one group.
+
+The backward pass is the closed form of the CS231n derivation::
+
+    dxhat  = dy * gamma
+    dx     = inv_std / N * (N * dxhat - sum(dxhat) - xhat * sum(dxhat * xhat))
+    dgamma = sum(dy * xhat),   dbeta = sum(dy)
+
+substituted with :func:`jax.custom_vjp`. It saves only the input ``x`` (the
+array the caller already holds, in its own dtype), the mean and the inverse
+standard deviation (one value per statistics group) and the mask; ``xhat`` is
+recomputed in the backward pass inside the same fused loop.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Hashable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+Array = jax.Array
+AxisName = Hashable | tuple[Hashable, ...] | None
+
+
+def compute_dtype(dtype: Any) -> jnp.dtype:
+    """The dtype statistics are computed in: float32 for 16-bit floats, else ``dtype``."""
+    dtype = jnp.dtype(dtype)
+    return jnp.dtype(jnp.float32) if dtype.itemsize < 4 else dtype
+
+
+def _psum(value: Any, axis_name: AxisName) -> Any:
+    return value if axis_name is None else lax.psum(value, axis_name)
+
+
+def moments(
+    x: Array,
+    stat_axes: tuple[int, ...],
+    mask: Array | None,
+    axis_name: AxisName,
+) -> tuple[Array, Array, Array]:
+    """Mean and biased variance of ``x`` over ``stat_axes`` (two-pass, centered).
+
+    Args:
+      x: input in its compute dtype.
+      stat_axes: non-negative axes to reduce over.
+      mask: ``None`` or a boolean array of ``x``'s rank, broadcastable to it;
+        ``False`` entries are left out of the statistics.
+      axis_name: mapped axis name(s) over which sums and counts are all-reduced.
+
+    Returns:
+      ``(mean, var, count)``, each with ``x``'s rank and size 1 on ``stat_axes``.
+      ``count`` is the global number of entries reduced over, clamped to at
+      least 1 so an all-masked group gives mean 0 and variance 0 (not NaN).
+    """
+    if mask is None:
+        local_count = 1
+        for a in stat_axes:
+            local_count *= x.shape[a]
+        count = jnp.full((1,) * x.ndim, _psum(local_count, axis_name), x.dtype)
+        sum_x = _psum(jnp.sum(x, stat_axes, keepdims=True), axis_name)
+        mean = sum_x / count
+        centered = x - mean
+        sum_sq = _psum(jnp.sum(centered * centered, stat_axes, keepdims=True), axis_name)
+    else:
+        weight = mask.astype(x.dtype)
+        count = _psum(
+            jnp.sum(jnp.broadcast_to(weight, _masked_shape(x.shape, stat_axes, mask.shape)),
+                    stat_axes, keepdims=True),
+            axis_name,
+        )
+        count = jnp.maximum(count, 1)
+        mean = _psum(jnp.sum(jnp.where(mask, x, 0), stat_axes, keepdims=True), axis_name) / count
+        centered = jnp.where(mask, x - mean, 0)
+        sum_sq = _psum(jnp.sum(centered * centered, stat_axes, keepdims=True), axis_name)
+    # Centered sums cannot go negative, but clamp anyway against round-off.
+    var = jnp.maximum(sum_sq / count, 0)
+    return mean, var, count
+
+
+def _masked_shape(x_shape, stat_axes, mask_shape):
+    """Shape over which the mask is counted: x's shape on stat axes, the mask's elsewhere."""
+    return tuple(n if i in stat_axes else m for i, (n, m) in enumerate(zip(x_shape, mask_shape)))
+
+
+def _sum_to(value: Array, shape: tuple[int, ...]) -> Array:
+    """Sums ``value`` over the axes where ``shape`` has size 1 (keeping dims)."""
+    axes = tuple(i for i, n in enumerate(shape) if n == 1 and value.shape[i] != 1)
+    return jnp.sum(value, axes, keepdims=True) if axes else value
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _normalize(x, gamma, beta, mask, stat_axes, eps, axis_name):
+    y, _ = _normalize_fwd(x, gamma, beta, mask, stat_axes, eps, axis_name)
+    return y
+
+
+def _normalize_fwd(x, gamma, beta, mask, stat_axes, eps, axis_name):
+    dtype = compute_dtype(x.dtype)
+    xf = x.astype(dtype)
+    mean, var, count = moments(xf, stat_axes, mask, axis_name)
+    inv_std = lax.rsqrt(var + jnp.asarray(eps, dtype))
+    y = (xf - mean) * inv_std * gamma.astype(dtype) + beta.astype(dtype)
+    if mask is not None:
+        y = jnp.where(mask, y, 0)
+    return y.astype(x.dtype), (x, mean, inv_std, count, gamma, beta, mask)
+
+
+def _normalize_bwd(stat_axes, eps, axis_name, residuals, dy):
+    del eps
+    x, mean, inv_std, count, gamma, beta, mask = residuals
+    dtype = compute_dtype(x.dtype)
+    dy = dy.astype(dtype)
+    if mask is not None:
+        dy = jnp.where(mask, dy, 0)
+    xhat = (x.astype(dtype) - mean) * inv_std
+    dgamma = _sum_to(dy * xhat, gamma.shape)
+    dbeta = _sum_to(dy, beta.shape)
+    dxhat = dy * gamma.astype(dtype)
+    sum_dxhat = _psum(jnp.sum(dxhat, stat_axes, keepdims=True), axis_name)
+    sum_dxhat_xhat = _psum(jnp.sum(dxhat * xhat, stat_axes, keepdims=True), axis_name)
+    dx = inv_std / count * (count * dxhat - sum_dxhat - xhat * sum_dxhat_xhat)
+    if mask is not None:
+        dx = jnp.where(mask, dx, 0)
+    return dx.astype(x.dtype), dgamma.astype(gamma.dtype), dbeta.astype(beta.dtype), None
+
+
+def vary_like(params: Any, x: Array) -> Any:
+    """Gives each array in ``params`` the device-varying type of ``x`` (a no-op outside shard_map).
+
+    Under ``shard_map`` a replicated ``gamma`` meets a batch-sharded ``x``. Adding
+    zeros shaped like ``gamma`` but typed like ``x`` makes JAX insert its implicit
+    broadcast *before* the custom VJP; that broadcast's transpose is a ``psum``,
+    so the cotangents of replicated params come back replicated (the full-batch
+    gradient), and the custom rule itself never sees mismatched types.
+    """
+    return jax.tree.map(lambda p: p + jnp.zeros_like(x, shape=p.shape, dtype=p.dtype), params)
+
+
+_normalize.defvjp(_normalize_fwd, _normalize_bwd)
+
+
+def normalize(
+    x: Array,
+    gamma: Array,
+    beta: Array,
+    *,
+    stat_axes: tuple[int, ...],
+    eps: float,
+    axis_name: AxisName = None,
+    mask: Array | None = None,
+) -> Array:
+    """Normalizes ``x`` over ``stat_axes`` and applies ``gamma * xhat + beta``.
+
+    Args:
+      x: floating array of any rank.
+      gamma, beta: arrays of ``x``'s rank, size 1 on the axes they broadcast over.
+      stat_axes: sorted non-negative axes to compute statistics over.
+      eps: added to the variance.
+      axis_name: mapped axis name(s) over which statistics are all-reduced.
+      mask: ``None`` or boolean of ``x``'s rank; masked-out outputs are 0.
+
+    Returns:
+      An array of ``x``'s shape and dtype. Its VJP is the closed form.
+    """
+    if axis_name is not None:
+        gamma, beta = vary_like((gamma, beta), x)
+    try:
+        return _normalize(x, gamma, beta, mask, stat_axes, eps, axis_name)
+    except TypeError as err:
+        if "forward-mode" not in str(err):
+            raise
+        raise TypeError(
+            "jaxbn norms have a closed-form reverse-mode derivative (jax.custom_vjp) and "
+            "therefore no forward mode, so jax.jvp / jax.jacfwd / jax.linearize cannot "
+            "be applied to them. Use reverse mode instead: jax.grad, jax.vjp or "
+            "jax.jacrev; jax.hessian works (forward-over-reverse). If you need "
+            "forward mode, use jaxbn.reference.batch_norm_autodiff."
+        ) from err
+
+
+def canonicalize_axes(axis: int | Sequence[int], ndim: int) -> tuple[int, ...]:
+    """Sorted, de-duplicated non-negative axes; ValueError when one is out of range."""
+    axes = (axis,) if isinstance(axis, int) else tuple(axis)
+    if not axes:
+        raise ValueError("Expected at least one feature axis, got axis=().")
+    out = []
+    for a in axes:
+        if not isinstance(a, int) or isinstance(a, bool):
+            raise TypeError(f"Expected axis to be an int or a tuple of ints, got {axis!r}.")
+        if not -ndim <= a < ndim:
+            raise ValueError(
+                f"axis {a} is out of range for an input of rank {ndim} "
+                f"(valid: {-ndim} to {ndim - 1})."
+            )
+        out.append(a % ndim)
+    return tuple(sorted(set(out)))

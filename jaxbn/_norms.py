@@ -1,0 +1,261 @@
+"""Batch, layer and group normalization: thin layouts over the one closed-form core."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from jaxbn import _core
+from jaxbn._core import AxisName
+from jaxbn._params import (
+    BatchNormParams,
+    RunningStats,
+    as_params,
+    check_eps,
+    check_input,
+    check_mask,
+    feature_layout,
+    per_feature,
+)
+
+Array = jax.Array
+Params = BatchNormParams | Mapping[str, Array]
+
+
+def _check_reduced_size(x: Array, stat_axes: tuple[int, ...], axis_name: AxisName, what: str):
+    size = 1
+    for a in stat_axes:
+        size *= x.shape[a]
+    if size == 1 and axis_name is None:
+        raise ValueError(
+            f"{what} needs more than one value per statistic, but x of shape {x.shape} has "
+            f"a single value on the axes {stat_axes} that statistics are taken over "
+            "(a batch of one in training mode has nothing to normalize over). Use a larger "
+            "batch, batch_norm_eval with running statistics, or axis_name to share "
+            "statistics across a mapped axis."
+        )
+
+
+def _batch_norm_layout(params, x, axis, eps, mask):
+    """Validates batch-norm arguments; returns what the core needs and the feature axes."""
+    params = as_params(params)
+    x = check_input(x)
+    eps = check_eps(eps)
+    feature_axes, stat_axes, shape = feature_layout(x, axis)
+    gamma, beta = per_feature(params, ("gamma", "beta"), x, feature_axes, shape, "params")
+    mask = check_mask(mask, x, feature_axes)
+    return x, gamma, beta, stat_axes, eps, mask, feature_axes
+
+
+def batch_norm(
+    params: Params,
+    x: Array,
+    *,
+    axis: int | Sequence[int] = -1,
+    eps: float = 1e-5,
+    axis_name: AxisName = None,
+    mask: Array | None = None,
+) -> Array:
+    r"""Batch normalization in training mode, with a closed-form backward pass.
+
+    .. math::
+
+       \hat x = \frac{x - \mu}{\sqrt{\sigma^2 + \epsilon}}, \qquad
+       y = \gamma \hat x + \beta
+
+    where :math:`\mu` and :math:`\sigma^2` (biased) are taken over every axis
+    except the feature ``axis``. The VJP is the CS231n closed form
+    ``dx = inv_std / N * (N * dxhat - sum(dxhat) - xhat * sum(dxhat * xhat))``.
+
+    Args:
+      params: :class:`BatchNormParams` or a dict with ``"gamma"`` and
+        ``"beta"``, each of shape ``x.shape[axis]`` (a tuple of sizes for a
+        tuple ``axis``).
+      x: floating input, e.g. ``(N, D)`` or NHWC ``(N, H, W, C)``. 16-bit
+        floats are normalized with float32 statistics and returned in their
+        own dtype.
+      axis: the feature axis or axes (default ``-1``; ``1`` for NCHW).
+      eps: added to the variance.
+      axis_name: a mapped axis name (or tuple of names) of ``shard_map``,
+        ``pmap`` or ``vmap``; statistics and the backward sums are all-reduced
+        over it, so the result equals batch norm of the whole global batch.
+      mask: optional boolean array broadcastable to ``x``'s shape without the
+        feature axes. ``False`` entries are left out of the statistics, come
+        out as ``0`` and get zero gradient. An all-``False`` mask gives all
+        zeros (no NaN).
+
+    Returns:
+      ``y`` with ``x``'s shape and dtype.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, jaxbn
+      >>> x = jax.random.normal(jax.random.key(0), (32, 4)) * 3 + 1
+      >>> y = jaxbn.batch_norm(jaxbn.init(4), x)
+      >>> bool(jnp.allclose(y.mean(0), 0, atol=1e-6))
+      True
+    """
+    x, gamma, beta, stat_axes, eps, mask, _ = _batch_norm_layout(params, x, axis, eps, mask)
+    _check_reduced_size(x, stat_axes, axis_name, "batch_norm")
+    return _core.normalize(
+        x, gamma, beta, stat_axes=stat_axes, eps=eps, axis_name=axis_name, mask=mask
+    )
+
+
+def batch_norm_train(
+    params: Params,
+    stats: RunningStats,
+    x: Array,
+    *,
+    momentum: float = 0.9,
+    axis: int | Sequence[int] = -1,
+    eps: float = 1e-5,
+    axis_name: AxisName = None,
+    mask: Array | None = None,
+) -> tuple[Array, RunningStats]:
+    """Training-mode batch norm that also updates the running statistics.
+
+    ``y`` is exactly :func:`batch_norm`'s. The running statistics follow the
+    CS231n/Flax convention (note: PyTorch's ``momentum`` is ``1 - momentum``
+    here, and PyTorch stores the unbiased variance)::
+
+        running = momentum * running + (1 - momentum) * batch
+
+    with the biased batch variance. No gradient flows into ``new_stats``. A
+    batch whose mask is all ``False`` leaves the statistics unchanged.
+
+    Args:
+      params: as in :func:`batch_norm`.
+      stats: :class:`RunningStats` with the feature shape.
+      x, axis, eps, axis_name, mask: as in :func:`batch_norm`.
+      momentum: in ``[0, 1]``; the weight of the old running value.
+
+    Returns:
+      ``(y, new_stats)``.
+    """
+    if not 0.0 <= momentum <= 1.0:
+        raise ValueError(f"Expected momentum in [0, 1], got {momentum!r}.")
+    x, gamma, beta, stat_axes, eps, mask, feature_axes = _batch_norm_layout(
+        params, x, axis, eps, mask
+    )
+    _check_reduced_size(x, stat_axes, axis_name, "batch_norm_train")
+    if not isinstance(stats, RunningStats):
+        raise TypeError(f"Expected stats to be jaxbn.RunningStats, got {type(stats).__name__}.")
+    running_mean, running_var = per_feature(
+        stats, ("mean", "var"), x, feature_axes, gamma.shape, "running stats"
+    )
+    y = _core.normalize(
+        x, gamma, beta, stat_axes=stat_axes, eps=eps, axis_name=axis_name, mask=mask
+    )
+    xf = lax.stop_gradient(x).astype(_core.compute_dtype(x.dtype))
+    mean, var, count = _core.moments(xf, stat_axes, mask, axis_name)
+    new_mean = momentum * running_mean + (1 - momentum) * mean.astype(running_mean.dtype)
+    new_var = momentum * running_var + (1 - momentum) * var.astype(running_var.dtype)
+    if mask is not None:
+        seen = jnp.any(mask)
+        if axis_name is not None:
+            seen = lax.psum(seen.astype(jnp.int32), axis_name) > 0
+        new_mean = jnp.where(seen, new_mean, running_mean)
+        new_var = jnp.where(seen, new_var, running_var)
+    feature_shape = stats.mean.shape
+    return y, RunningStats(new_mean.reshape(feature_shape), new_var.reshape(feature_shape))
+
+
+def batch_norm_eval(
+    params: Params,
+    stats: RunningStats,
+    x: Array,
+    *,
+    axis: int | Sequence[int] = -1,
+    eps: float = 1e-5,
+) -> Array:
+    """Inference-mode batch norm with running statistics.
+
+    ``y = gamma * (x - stats.mean) / sqrt(stats.var + eps) + beta``, an
+    elementwise affine map (ordinary autodiff, forward mode included).
+
+    Args:
+      params, stats, x, axis, eps: as in :func:`batch_norm_train`.
+
+    Returns:
+      ``y`` with ``x``'s shape and dtype.
+    """
+    x, gamma, beta, _, eps, _, feature_axes = _batch_norm_layout(params, x, axis, eps, None)
+    if not isinstance(stats, RunningStats):
+        raise TypeError(f"Expected stats to be jaxbn.RunningStats, got {type(stats).__name__}.")
+    mean, var = per_feature(stats, ("mean", "var"), x, feature_axes, gamma.shape, "running stats")
+    dtype = _core.compute_dtype(x.dtype)
+    scale = lax.rsqrt(var.astype(dtype) + jnp.asarray(eps, dtype)) * gamma.astype(dtype)
+    y = (x.astype(dtype) - mean.astype(dtype)) * scale + beta.astype(dtype)
+    return y.astype(x.dtype)
+
+
+def layer_norm(
+    params: Params, x: Array, *, axis: int | Sequence[int] = -1, eps: float = 1e-5
+) -> Array:
+    """Layer normalization: statistics over the feature ``axis`` of each example.
+
+    Same closed-form core as :func:`batch_norm`, with the roles of the axes
+    swapped: ``mean``/``var`` are taken over ``axis`` (per example), while
+    ``gamma``/``beta`` have shape ``x.shape[axis]`` and their gradients are
+    summed over the other axes.
+
+    Args:
+      params: ``gamma``/``beta`` of shape ``x.shape[axis]``.
+      x: floating input, e.g. ``(N, D)`` or ``(N, T, D)``.
+      axis: the axis or axes to normalize over (default ``-1``).
+      eps: added to the variance.
+
+    Returns:
+      ``y`` with ``x``'s shape and dtype.
+    """
+    params = as_params(params)
+    x = check_input(x)
+    eps = check_eps(eps)
+    feature_axes, _, shape = feature_layout(x, axis)
+    gamma, beta = per_feature(params, ("gamma", "beta"), x, feature_axes, shape, "params")
+    _check_reduced_size(x, feature_axes, None, "layer_norm")
+    return _core.normalize(x, gamma, beta, stat_axes=feature_axes, eps=eps)
+
+
+def group_norm(params: Params, x: Array, num_groups: int, *, eps: float = 1e-5) -> Array:
+    """Group normalization (channels-last): statistics per example and channel group.
+
+    ``x`` of shape ``(N, ..., C)`` has its channels split into ``num_groups``
+    contiguous groups of ``C // num_groups``; each example's group is
+    normalized over its spatial axes and its channels. ``num_groups=1`` is
+    layer norm over ``(..., C)``; ``num_groups=C`` is instance norm.
+
+    Args:
+      params: ``gamma``/``beta`` of shape ``(C,)``.
+      x: floating input of rank >= 2, channels last.
+      num_groups: a positive divisor of ``C``.
+      eps: added to the variance.
+
+    Returns:
+      ``y`` with ``x``'s shape and dtype.
+    """
+    params = as_params(params)
+    x = check_input(x)
+    eps = check_eps(eps)
+    if x.ndim < 2:
+        raise ValueError(f"Expected x of rank >= 2, (N, ..., C), got shape {x.shape}.")
+    channels = x.shape[-1]
+    if not isinstance(num_groups, int) or num_groups < 1 or channels % num_groups:
+        raise ValueError(
+            f"Expected num_groups to be a positive divisor of the number of channels "
+            f"C={channels}, got num_groups={num_groups!r}."
+        )
+    feature_axes = (x.ndim - 1,)
+    gamma, beta = per_feature(params, ("gamma", "beta"), x, feature_axes, (channels,), "params")
+    grouped = x.reshape(x.shape[:-1] + (num_groups, channels // num_groups))
+    param_shape = (1,) * (x.ndim - 1) + (num_groups, channels // num_groups)
+    stat_axes = tuple(range(1, x.ndim - 1)) + (x.ndim,)
+    _check_reduced_size(grouped, stat_axes, None, "group_norm")
+    y = _core.normalize(
+        grouped, gamma.reshape(param_shape), beta.reshape(param_shape),
+        stat_axes=stat_axes, eps=eps,
+    )
+    return y.reshape(x.shape)
