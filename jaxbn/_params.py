@@ -109,6 +109,8 @@ def per_feature(
     out = []
     for value, name in zip(values, names):
         value = jnp.asarray(value)
+        if not jnp.issubdtype(value.dtype, jnp.floating):
+            raise TypeError(f"Expected {what} {name} with a floating dtype, got {value.dtype}.")
         if value.shape != expected:
             raise ValueError(
                 f"Expected {what} {name} of shape {expected} (the size of x's feature axes "
