@@ -1,0 +1,31 @@
+"""The README's Python examples and the docstring examples run as written."""
+
+import doctest
+import pathlib
+import re
+
+import pytest
+
+import jaxbn
+from jaxbn import _norms
+
+README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
+
+
+def test_readme_examples_run():
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
+    assert len(blocks) >= 5, "README lost its examples"
+    namespace: dict = {}
+    # The blocks build on each other, as a reader would run them in one session.
+    exec(compile("\n".join(blocks), str(README), "exec"), namespace)
+    y, x = namespace["y"], namespace["x"]
+    expected = jaxbn.batch_norm(jaxbn.init(64), x)
+    assert y.shape == x.shape
+    assert float(abs(y - expected).max()) < 1e-5
+
+
+@pytest.mark.parametrize("module", [_norms], ids=lambda m: m.__name__)
+def test_docstring_examples(module):
+    result = doctest.testmod(module, verbose=False)
+    assert result.attempted > 0
+    assert result.failed == 0
