@@ -1,0 +1,1 @@
+"""The ``compare``, ``init-scale`` and ``batch-size`` commands."""
