@@ -250,8 +250,12 @@ def _log(msg: str, quiet_bar: bool) -> None:
         tqdm.write(msg)
 
 
-def run(cfg: TrainConfig, ds: Dataset, *, verbose: bool = True) -> RunResult:
+def run(cfg: TrainConfig, ds: Dataset, *, verbose: bool = True,
+        init: TrainState | None = None) -> RunResult:
     """Trains ``cfg`` on ``ds``; writes checkpoints to ``cfg.out`` if asked.
+
+    ``init`` replaces the seeded initial state (``compare`` uses it to measure
+    how far a one-ulp perturbation of the initial parameters drifts).
 
     Raises:
       Diverged: the loss became NaN/inf; the last good checkpoint (if any) is kept.
@@ -266,7 +270,7 @@ def run(cfg: TrainConfig, ds: Dataset, *, verbose: bool = True) -> RunResult:
         raise ValueError(f"Batch size {cfg.batch_size} must be divisible by --devices "
                          f"{cfg.devices}.")
     step = step_fn(cfg.norm, cfg.optimizer, cfg.lr, cfg.bn_momentum, cfg.devices)
-    state = init_state(cfg, ds)
+    state = init_state(cfg, ds) if init is None else init
     history: list[dict] = []
     start = 0
     ckpt = os.path.join(cfg.out, CHECKPOINT_NAME) if cfg.out else None
