@@ -306,8 +306,8 @@ def cmd_batch_size(args) -> int:
         "eval_minus_train_mode_test_accuracy": gap,
         "notes": "fixed number of epochs and learning rate for every batch size, so small "
                  "batches take more steps; train-mode accuracy normalizes each test batch of "
-                 "the same size with its own statistics (min(batch, N_test), remainder "
-                 "dropped)",
+                 "the same size with its own statistics (min(batch, N_test); see "
+                 "train.loop.train_mode_accuracy)",
         "settings": {**_quiet_cfg(args).settings(), "batch_size": sizes},
         "wall_time_s": time.perf_counter() - t0,
         "versions": loop.versions(),

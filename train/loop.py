@@ -181,13 +181,26 @@ def accuracy(params, stats, x, y, *, norm: str, chunk: int = 4096) -> float:
 def train_mode_accuracy(params, stats, x, y, *, norm: str, batch_size: int) -> float:
     """Accuracy when test batches of ``batch_size`` are normalized with their own statistics.
 
-    Uses ``min(batch_size, N)`` and drops the remainder.
+    Every example is counted: the test set is cut into batches of
+    ``min(batch_size, N)``; a remainder of ``r >= 2`` examples is its own
+    (smaller) batch, a single leftover example is normalized together with the
+    ``batch_size - 1`` examples before it.
     """
-    b = min(batch_size, len(y))
-    n = (len(y) // b) * b
-    logits = predict_train_mode_fn(norm, b)(params, stats, x[:n].reshape(-1, b, x.shape[-1]))
-    pred = np.asarray(jnp.argmax(logits, -1)).reshape(-1)
-    return float(np.mean(pred == y[:n]))
+    n = len(y)
+    b = min(batch_size, n)
+    full = (n // b) * b
+    preds = []
+    if full:
+        logits = predict_train_mode_fn(norm, b)(params, stats, x[:full].reshape(-1, b, x.shape[-1]))
+        preds.append(np.asarray(jnp.argmax(logits, -1)).reshape(-1))
+    r = n - full
+    if r >= 2:
+        logits = predict_train_mode_fn(norm, r)(params, stats, x[None, full:])
+        preds.append(np.asarray(jnp.argmax(logits, -1)).reshape(-1))
+    elif r == 1:
+        logits = predict_train_mode_fn(norm, b)(params, stats, x[None, n - b:])
+        preds.append(np.asarray(jnp.argmax(logits, -1)).reshape(-1)[-1:])
+    return float(np.mean(np.concatenate(preds) == y))
 
 
 def init_state(cfg: TrainConfig, ds: Dataset) -> TrainState:

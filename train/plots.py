@@ -63,6 +63,7 @@ def compare_plot(results: dict, path: str, *, title: str) -> str:
     axes[2].bar(names, times, color=["C0", "C1", "C2", "C3"][:len(names)])
     for i, t in enumerate(times):
         axes[2].text(i, t, f"{t:.3f}", ha="center", va="bottom")
+    axes[2].set_ylim(0, 1.2 * max(times))
     axes[2].set(xlabel="backward implementation", ylabel="ms per train step (median)",
                 title="Train step time")
     for ax in axes:
