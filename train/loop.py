@@ -113,7 +113,10 @@ def train_step(state: TrainState, x: Array, y: Array, *, norm: str, optimizer, m
     (loss, new_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         state.params, state.stats, x, y, norm=norm, momentum=momentum
     )
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    # optax's Adam bias correction mixes a Python float with its int32 step count,
+    # which fails under jax_numpy_dtype_promotion="strict" (set by some test suites).
+    with jax.numpy_dtype_promotion("standard"):
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     return TrainState(params, new_stats, opt_state, state.step + 1), loss
 
