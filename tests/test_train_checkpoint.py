@@ -63,7 +63,7 @@ def test_resume_after_sigkill_equals_uninterrupted(tmp_path, uninterrupted):
     out = str(tmp_path / "run")
     ckpt = os.path.join(out, loop.CHECKPOINT_NAME)
     cmd = [sys.executable, "-m", "train", *BASE, "--epochs", "5", "--checkpoint-every", "1",
-           "--out", out, "--debug-epoch-sleep", "0.5"]
+           "--out", out, "--debug-epoch-sleep", "0.3"]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 60

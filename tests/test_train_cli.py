@@ -91,7 +91,7 @@ def test_compare_agrees(tmp_path, capsys):
 def test_init_scale_tiny(tmp_path):
     out = str(tmp_path / "isc")
     rc = cli.main(["init-scale", "--epochs", "1", "--train-subset", "256", "--quiet",
-                   "--hidden", "32", "32", "32", "--scales", "1e-3", "1e-1", "--out", out])
+                   "--hidden", "32", "32", "--scales", "1e-3", "1e-1", "--out", out])
     assert rc == 0
     m = _metrics(out)
     assert m["scales"] == [1e-3, 1e-1]

@@ -17,7 +17,7 @@ ds = data.subset(data.load_digits(), train=256, test=100)
 out = {}
 for norm in ("jaxbn", "staged"):
     runs = {}
-    for d in (1, 2, 8):
+    for d in (1, 8):
         cfg = loop.TrainConfig(norm=norm, epochs=1, batch_size=64, devices=d, quiet=True)
         res = loop.run(cfg, ds, verbose=False)
         runs[d] = (jax.tree.leaves((res.state.params, res.state.stats)), res.history)
@@ -29,7 +29,7 @@ for norm in ("jaxbn", "staged"):
             hlo = loop.step_fn(norm, "adam", 1e-3, 0.9, 8).lower(
                 st, ds.x_train[:64], ds.y_train[:64]).compile().as_text()
             out[f"{norm}_all_reduce"] = "all-reduce" in hlo
-    for d in (2, 8):
+    for d in (8,):
         out[f"{norm}_{d}_param_rel"] = max(
             float(np.linalg.norm(np.asarray(a) - np.asarray(b)) / np.linalg.norm(np.asarray(b)))
             for a, b in zip(runs[d][0], runs[1][0]))
@@ -50,7 +50,7 @@ def test_data_parallel_equals_single_device():
     for norm in ("jaxbn", "staged"):
         assert r[f"{norm}_replicated"], r
         assert r[f"{norm}_all_reduce"], r  # the batch really is split: XLA all-reduces
-        for d in (2, 8):
+        for d in (8,):
             # 4 Adam steps; only the reduction order differs (float32 round-off). Adam's
             # first updates are ~lr * sign(g), so entries with a round-off-sized
             # gradient can move differently: measured ~2e-5 in ||a - b|| / ||b||.
