@@ -120,6 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p, epochs=10, hidden=[256, 256], norm=False)
     p.add_argument("--timing-steps", type=_positive_int, default=200,
                    help="timed steps per implementation after warm-up (default 200)")
+    p.add_argument("--timing-batch-size", type=_positive_int, default=None,
+                   help="batch size of the timed steps (default: --batch-size)")
 
     p = sub.add_parser("init-scale", help=COMMANDS["init-scale"],
                        description=COMMANDS["init-scale"] + ".")

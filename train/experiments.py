@@ -113,7 +113,11 @@ def cmd_compare(args) -> int:
     floor = loop.run(cfgs["jaxbn"], ds, verbose=False, init=nudged)
 
     # 3. step times
-    step_time = _time_steps(cfgs, ds, steps=args.timing_steps)
+    tb = args.timing_batch_size or args.batch_size
+    if not 2 <= tb <= len(ds.y_train):
+        raise ValueError(f"Expected 2 <= --timing-batch-size <= {len(ds.y_train)}, got {tb}.")
+    step_time = _time_steps({n: dataclasses.replace(c, batch_size=tb) for n, c in cfgs.items()},
+                            ds, steps=args.timing_steps)
 
     ref = results["jaxbn"]
     losses = {n: [h["train_loss"] for h in r.history] for n, r in results.items()}
@@ -151,10 +155,10 @@ def cmd_compare(args) -> int:
         "loss_tolerance": LOSS_ATOL,
         "step_time_s": step_time,
         "step_time_ratio_vs_jaxbn": {n: step_time[n] / step_time["jaxbn"] for n in step_time},
-        "timing": f"median of {args.timing_steps} steps per implementation after 5 warm-up "
-                  "steps, interleaved in 5 rounds, each step block_until_ready",
+        "timing": f"median of {args.timing_steps} steps per implementation (batch {tb}) after "
+                  "5 warm-up steps, interleaved in 5 rounds, each step block_until_ready",
         "settings": {**cfg0.settings(), "norm": list(COMPARE_NORMS),
-                     "timing_steps": args.timing_steps},
+                     "timing_steps": args.timing_steps, "timing_batch_size": tb},
         "wall_time_s": time.perf_counter() - t0,
         "versions": loop.versions(),
     }
@@ -167,7 +171,7 @@ def cmd_compare(args) -> int:
     print(f"  round-off floor (jaxbn, init moved 1 ulp): max |loss diff| "
           f"{fl['max_loss_abs_diff']:.2e}; max param diff {fl['max_param_abs_diff']:.2e} abs, "
           f"{fl['max_param_rel_diff']:.2e} rel", flush=True)
-    print("  step time (median): " + ", ".join(
+    print(f"  step time (median, batch {tb}): " + ", ".join(
         f"{n} {1e3 * t:.3f} ms ({t / step_time['jaxbn']:.2f}x)" for n, t in step_time.items()),
         flush=True)
     os.makedirs(args.out, exist_ok=True)
