@@ -321,7 +321,7 @@ def cmd_batch_size(args) -> int:
         metrics["plots"] = [os.path.basename(plots.batch_size_plot(
             sizes, rows, os.path.join(args.out, "batch_size.png"),
             title=f"{ds.name}: MLP hidden {'-'.join(map(str, args.hidden))}, {args.epochs} "
-                  f"epochs, {args.optimizer} lr {args.lr:g}"))]
+                  f"epochs for every batch size, {args.optimizer} lr {args.lr:g}"))]
     write_json(os.path.join(args.out, "metrics.json"), metrics)
     print(f"wall time {metrics['wall_time_s']:.1f} s -> {args.out}/metrics.json", flush=True)
     return 0

@@ -6,6 +6,7 @@ import io
 import os
 
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -36,6 +37,8 @@ def training_curves(history: list[dict], path: str, *, title: str) -> str:
     ax2.plot(epochs, [100 * h["test_accuracy"] for h in history], "s-", ms=3,
              label="test (running stats)")
     ax2.set(xlabel="epoch", ylabel="accuracy (%)", title="Accuracy (eval mode)")
+    for ax in (ax1, ax2):
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax2.legend()
     ax2.grid(alpha=0.3)
     fig.suptitle(title)
@@ -54,6 +57,8 @@ def compare_plot(results: dict, path: str, *, title: str) -> str:
     for name in names[1:]:
         d = [max(abs(v), 1e-12) for v in results["loss_diff"][name]]
         axes[1].plot(range(1, len(d) + 1), d, "o-", ms=3, label=f"|{name} - {names[0]}|")
+    axes[1].axhline(results["roundoff_floor"]["max_loss_abs_diff"], color="gray", ls=":",
+                    lw=1, label="round-off floor (1-ulp init)")
     axes[1].axhline(results["loss_tolerance"], color="k", ls="--", lw=1, label="tolerance")
     axes[1].set_yscale("log")
     axes[1].set(xlabel="epoch", ylabel="|loss difference|",
@@ -109,12 +114,13 @@ def batch_size_plot(sizes, rows: dict, path: str, *, title: str) -> str:
             title="Test accuracy vs batch size")
     ax1.legend()
     ax1.grid(alpha=0.3)
-    ax2.plot(sizes, rows["final_loss"], "o-", label="BN")
+    ax2.plot(sizes, rows["final_loss"], "o-", label="BN (train mode, batch stats)")
     if "final_loss_none" in rows:
         ax2.plot(sizes, rows["final_loss_none"], "^:", label="no BN")
     ax2.set_xscale("log", base=2)
     ax2.set_yscale("log")
-    ax2.set(xlabel="batch size", ylabel="final train loss", title="Final train loss")
+    ax2.set(xlabel="batch size", ylabel="last epoch's mean minibatch loss",
+            title="Final train loss")
     ax2.legend()
     ax2.grid(alpha=0.3)
     fig.suptitle(title)
