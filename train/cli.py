@@ -36,6 +36,7 @@ examples:
   python -m train init-scale
   python -m train batch-size
   XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m train --devices 8
+  srun python -m train --distributed --devices all      # multi-host, e.g. under SLURM
   python -m train --dataset cifar10 --data-dir ~/data/cifar-10-batches-py --epochs 10
 
 Every command writes metrics.json and PNG plots into --out (default runs/<command>,
@@ -48,6 +49,10 @@ def _positive_int(s: str) -> int:
     if v < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {s}")
     return v
+
+
+def _devices(s: str) -> int | str:
+    return "all" if s == "all" else _positive_int(s)
 
 
 def _common(p: argparse.ArgumentParser, *, epochs: int, hidden: list[int], norm: bool = True):
@@ -84,9 +89,22 @@ def _common(p: argparse.ArgumentParser, *, epochs: int, hidden: list[int], norm:
     g.add_argument("--bn-momentum", type=float, default=0.9,
                    help="running = m * running + (1 - m) * batch (default 0.9)")
     g.add_argument("--seed", type=int, default=0, help="init and data-order seed (default 0)")
-    g.add_argument("--devices", type=_positive_int, default=1,
-                   help="data-parallel over N local devices (jit + NamedSharding; batch split "
-                        "over a 'batch' mesh axis, batch-norm statistics over the global batch)")
+    g.add_argument("--devices", type=_devices, default=1,
+                   help="data-parallel over N devices, or 'all' (jit + NamedSharding: batch "
+                        "split over a 'batch' mesh axis, state replicated, batch-norm "
+                        "statistics over the whole global batch). Default 1")
+    g = p.add_argument_group("multi-host (jax.distributed)")
+    g.add_argument("--distributed", action="store_true",
+                   help="call jax.distributed.initialize() first; on SLURM, Open MPI, "
+                        "Kubernetes or Cloud TPU it finds the cluster itself, else give the "
+                        "three options below. Use with --devices all; process 0 writes --out")
+    g.add_argument("--coordinator", default=None,
+                   help="coordinator address host:port (default: $JAX_COORDINATOR_ADDRESS or "
+                        "auto-detected)")
+    g.add_argument("--num-processes", type=_positive_int, default=None,
+                   help="number of processes (default: auto-detected)")
+    g.add_argument("--process-id", type=int, default=None,
+                   help="this process's id, 0..N-1 (default: auto-detected)")
     g = p.add_argument_group("output")
     g.add_argument("--out", default=None, help="output directory (default runs/<command>; "
                                                "runs/latest for train)")
@@ -151,8 +169,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def config_from_args(args: argparse.Namespace, **overrides):
+    import jax
+
     from train.loop import TrainConfig
 
+    if args.devices == "all":
+        args.devices = jax.device_count()
     cfg = TrainConfig(
         dataset=args.dataset, data_dir=args.data_dir, hidden=tuple(args.hidden),
         norm=getattr(args, "norm", "jaxbn"), epochs=args.epochs, batch_size=args.batch_size,
@@ -180,6 +202,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     ds = load_data(args)
     cfg = config_from_args(args)
+    if not loop.is_main_process():  # multi-host: every process trains, process 0 reports
+        loop.run(cfg, ds)
+        return 0
     print(f"train: {ds.name} ({len(ds.y_train)} train / {len(ds.y_test)} test, "
           f"{ds.x_train.shape[1]} features), MLP {ds.x_train.shape[1]}-"
           f"{'-'.join(map(str, cfg.hidden))}-{ds.num_classes}, norm={cfg.norm}, "
@@ -220,6 +245,12 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.distributed:
+        import jax
+
+        jax.distributed.initialize(coordinator_address=args.coordinator,
+                                   num_processes=args.num_processes,
+                                   process_id=args.process_id)
     from train import experiments, loop
     from train.data import DataError
 

@@ -58,12 +58,18 @@ def _abs_leaf_diff(a, b) -> float:
 
 def _time_steps(cfgs: dict, ds, *, steps: int, rounds: int = 5) -> dict[str, float]:
     """Median seconds per train step of each config, after warm-up, interleaved in rounds."""
-    bs = next(iter(cfgs.values())).batch_size
+    first = next(iter(cfgs.values()))
+    bs = first.batch_size
     x, y = jnp.asarray(ds.x_train[:bs]), jnp.asarray(ds.y_train[:bs])
+    if first.devices > 1:
+        rep, batch = loop.batch_sharding(first.devices)
+        x, y = loop.to_global(ds.x_train[:bs], batch), loop.to_global(ds.y_train[:bs], batch)
     fns, states, times = {}, {}, {name: [] for name in cfgs}
     for name, cfg in cfgs.items():
         fns[name] = loop.step_fn(cfg.norm, cfg.optimizer, cfg.lr, cfg.bn_momentum, cfg.devices)
         states[name] = loop.init_state(cfg, ds)
+        if cfg.devices > 1:
+            states[name] = loop.to_global(states[name], rep)
         for _ in range(5):  # compile and warm up
             states[name], loss = fns[name](states[name], x, y)
         jax.block_until_ready(states[name])

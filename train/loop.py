@@ -122,19 +122,46 @@ def train_step(state: TrainState, x: Array, y: Array, *, norm: str, optimizer, m
 
 
 def batch_sharding(devices: int):
-    """``(replicated, batch)`` NamedShardings over a 1-d ``'batch'`` mesh of local devices."""
+    """``(replicated, batch)`` NamedShardings over a 1-d ``'batch'`` mesh of ``devices`` devices.
+
+    The mesh takes the first ``devices`` of :func:`jax.devices`, i.e. of all
+    processes after :func:`jax.distributed.initialize` (multi-host), where it
+    must span every device.
+    """
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 
-    available = jax.local_device_count()
+    available = jax.device_count()
     if devices > available:
         raise ValueError(
-            f"--devices {devices} but JAX sees {available} local device(s) "
+            f"--devices {devices} but JAX sees {available} device(s) "
             f"({jax.default_backend()}). On CPU, set "
             f"XLA_FLAGS=--xla_force_host_platform_device_count={devices} before starting Python."
         )
-    mesh = jax.make_mesh((devices,), ("batch",), devices=jax.local_devices()[:devices])
+    if jax.process_count() > 1 and devices != available:
+        raise ValueError(f"With {jax.process_count()} processes, --devices must be all "
+                         f"{available} devices, got {devices}.")
+    mesh = jax.make_mesh((devices,), ("batch",), devices=jax.devices()[:devices])
     return NamedSharding(mesh, P()), NamedSharding(mesh, P("batch"))
+
+
+def to_global(tree, sharding):
+    """Places host values on ``sharding``; each process fills only its own devices' shards.
+
+    Every process holds the same full values (same data, same seed), so this is
+    correct with one process and with many (:func:`jax.make_array_from_callback`
+    asks only for the shards of addressable devices).
+    """
+    def put(a):
+        a = np.asarray(a)
+        return jax.make_array_from_callback(a.shape, sharding, lambda idx: a[idx])
+
+    return jax.tree.map(put, tree)
+
+
+def is_main_process() -> bool:
+    """Process 0 writes files and prints; the others only compute."""
+    return jax.process_index() == 0
 
 
 @functools.lru_cache(maxsize=64)
@@ -298,10 +325,13 @@ def run(cfg: TrainConfig, ds: Dataset, *, verbose: bool = True,
     elif cfg.resume and verbose:
         print(f"--resume: no checkpoint at {ckpt}; starting from scratch", flush=True)
     put = lambda a: a  # noqa: E731
+    host = lambda tree: tree  # noqa: E731
     if cfg.devices > 1:
         rep, batch_sh = batch_sharding(cfg.devices)
-        state = jax.device_put(state, rep)
-        put = lambda a: jax.device_put(a, batch_sh)  # noqa: E731
+        state = to_global(state, rep)
+        put = lambda a: to_global(a, batch_sh)  # noqa: E731
+        host = jax.device_get  # replicated arrays: every process reads its local copy
+    verbose = verbose and is_main_process()
     steps_per_epoch = n // cfg.batch_size  # the incomplete last batch is dropped
     for epoch in range(start, cfg.epochs):
         te = time.perf_counter()
@@ -315,7 +345,7 @@ def run(cfg: TrainConfig, ds: Dataset, *, verbose: bool = True,
             losses.append(loss)
             bar.update()
         bar.close()
-        losses = np.asarray(jnp.stack(losses))
+        losses = np.array([np.asarray(v) for v in jax.device_get(losses)])
         if not np.all(np.isfinite(losses)):
             bad = int(np.argmax(~np.isfinite(losses)))
             kept = (f"the last good checkpoint {ckpt} (epoch {history[-1]['epoch']}) is kept"
@@ -325,13 +355,12 @@ def run(cfg: TrainConfig, ds: Dataset, *, verbose: bool = True,
                 f"training diverged: loss is {losses[bad]} at epoch {epoch + 1}, step "
                 f"{epoch * steps_per_epoch + bad + 1}; {kept}. Try a smaller --lr."
             )
+        params, stats = host((state.params, state.stats))
         rec = {
             "epoch": epoch + 1,
             "train_loss": float(losses.mean()),
-            "train_accuracy": accuracy(state.params, state.stats, ds.x_train, ds.y_train,
-                                       norm=cfg.norm),
-            "test_accuracy": accuracy(state.params, state.stats, ds.x_test, ds.y_test,
-                                      norm=cfg.norm),
+            "train_accuracy": accuracy(params, stats, ds.x_train, ds.y_train, norm=cfg.norm),
+            "test_accuracy": accuracy(params, stats, ds.x_test, ds.y_test, norm=cfg.norm),
             "epoch_time_s": time.perf_counter() - te,
         }
         history.append(rec)
@@ -340,7 +369,8 @@ def run(cfg: TrainConfig, ds: Dataset, *, verbose: bool = True,
                  f"train acc {100 * rec['train_accuracy']:6.2f}%  "
                  f"test acc {100 * rec['test_accuracy']:6.2f}%  ({rec['epoch_time_s']:.2f} s)",
                  cfg.quiet)
-        if ckpt and cfg.checkpoint_every and (epoch + 1) % cfg.checkpoint_every == 0:
+        if (ckpt and cfg.checkpoint_every and (epoch + 1) % cfg.checkpoint_every == 0
+                and is_main_process()):
             save_checkpoint(ckpt, state, epoch=epoch + 1, cfg=cfg, history=history)
         if cfg.debug_epoch_sleep:
             time.sleep(cfg.debug_epoch_sleep)
