@@ -72,8 +72,8 @@ def _free_port():
 
 
 def test_multi_process_equals_single_device(tmp_path):
-    args = ["--epochs", "1", "--optimizer", "sgd", "--lr", "0.05", "--train-subset", "128", "--test-subset", "50", "--batch-size",
-            "32", "--quiet", "--no-plots"]
+    args = ["--epochs", "1", "--optimizer", "sgd", "--lr", "0.05", "--train-subset", "128",
+            "--test-subset", "50", "--batch-size", "32", "--quiet", "--no-plots"]
     single = str(tmp_path / "single")
     assert cli.main([*args, "--out", single]) == 0
     multi = str(tmp_path / "multi")

@@ -116,7 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m train",
         description="Train an MLP with jaxbn batch norm on UCI digits (or CIFAR-10). "
-                    "Without a command, runs 'train'.",
+                    "Without a command, runs 'train'. The command comes first; "
+                    "'python -m train COMMAND --help' lists its options.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND",
