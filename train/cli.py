@@ -7,7 +7,8 @@ Commands (bare ``python -m train`` is ``train``):
 * ``init-scale``  CS231n: deep net, weight-init scale sweep, with vs without batch norm.
 * ``batch-size``  batch-size sweep; train-mode vs eval-mode (running stats) accuracy.
 
-Exit status: 0 success, 1 training diverged (NaN/inf loss), 2 bad arguments or data.
+Exit status: 0 success, 1 training diverged (NaN/inf loss), 2 bad arguments or data,
+3 compare found the implementations disagree.
 """
 
 from __future__ import annotations
@@ -40,7 +41,8 @@ examples:
   python -m train --dataset cifar10 --data-dir ~/data/cifar-10-batches-py --epochs 10
 
 Every command writes metrics.json and PNG plots into --out (default runs/<command>,
-runs/latest for train). Exit status: 0 ok, 1 diverged (NaN/inf loss), 2 bad arguments/data.
+runs/latest for train). Exit status: 0 ok, 1 diverged (NaN/inf loss), 2 bad arguments/data,
+3 compare: the implementations disagree beyond the float32 tolerances.
 """
 
 
