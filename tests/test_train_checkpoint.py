@@ -102,6 +102,13 @@ def test_resume_rejects_other_settings(tmp_path, capsys):
     assert "other settings" in err and "lr" in err
 
 
+def test_resume_refuses_checkpoint_past_epochs(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    assert cli.main([*BASE, "--epochs", "2", "--checkpoint-every", "1", "--out", out]) == 0
+    assert cli.main([*BASE, "--epochs", "1", "--resume", "--out", out]) == 2
+    assert "already at epoch 2" in capsys.readouterr().err
+
+
 def test_resume_without_checkpoint_starts_fresh(tmp_path, capsys):
     out = str(tmp_path / "run")
     assert cli.main([*BASE, "--epochs", "1", "--resume", "--out", out]) == 0

@@ -115,6 +115,18 @@ def test_batch_size_tiny(tmp_path):
     assert os.path.exists(os.path.join(out, "batch_size.png"))
 
 
+def test_progress_bar_and_one_line_per_epoch(tmp_path, capsys):
+    out = str(tmp_path / "bar")
+    argv = [a for a in TINY if a != "--quiet"]
+    assert cli.main([*argv, "--no-plots", "--out", out]) == 0
+    cap = capsys.readouterr()
+    assert "epoch 1/2" in cap.err and "it/s" in cap.err  # the tqdm bar
+    lines = [s for s in cap.out.splitlines() if s.startswith("epoch")]
+    assert len(lines) == 2 and "loss" in lines[0] and "test acc" in lines[0]
+    assert cli.main([*TINY, "--no-plots", "--out", out]) == 0
+    assert "it/s" not in capsys.readouterr().err  # --quiet: no bar
+
+
 def test_no_plots(tmp_path):
     out = str(tmp_path / "np")
     assert cli.main([*TINY, "--no-plots", "--out", out]) == 0

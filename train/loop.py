@@ -319,6 +319,9 @@ def run(cfg: TrainConfig, ds: Dataset, *, verbose: bool = True,
     ckpt = os.path.join(cfg.out, CHECKPOINT_NAME) if cfg.out else None
     if cfg.resume and ckpt and os.path.exists(ckpt):
         state, start, history = load_checkpoint(ckpt, state, cfg)
+        if start > cfg.epochs:
+            raise CheckpointError(f"Checkpoint {ckpt} is already at epoch {start}, past "
+                                  f"--epochs {cfg.epochs}.")
         if verbose:
             print(f"resuming from {ckpt} after epoch {start} (step {int(state.step)})",
                   flush=True)
