@@ -1,0 +1,176 @@
+"""Checkpoints, resume (also after SIGKILL), divergence and atomic outputs of `python -m train`."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from train import _io, cli, loop
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BASE = ["--train-subset", "256", "--test-subset", "100", "--batch-size", "32", "--quiet",
+        "--no-plots"]
+
+
+def _final(out):
+    with np.load(os.path.join(out, loop.FINAL_STATE_NAME)) as z:
+        return {k: z[k] for k in z.files}
+
+
+def _metrics(out):
+    with open(os.path.join(out, "metrics.json")) as f:
+        return json.load(f)
+
+
+def _checkpoint_epoch(path):
+    with np.load(path) as z:
+        return json.loads(str(z["meta"]))["epochs_done"]
+
+
+def _assert_same_final(a, b):
+    fa, fb = _final(a), _final(b)
+    assert fa.keys() == fb.keys()
+    for k in fa:  # bitwise: same compiled step, same data order, same restored state
+        np.testing.assert_array_equal(fa[k], fb[k], err_msg=k)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("full") / "run")
+    assert cli.main([*BASE, "--epochs", "5", "--out", out]) == 0
+    return out
+
+
+def test_resume_equals_uninterrupted(tmp_path, uninterrupted):
+    out = str(tmp_path / "run")
+    assert cli.main([*BASE, "--epochs", "2", "--checkpoint-every", "1", "--out", out]) == 0
+    assert _checkpoint_epoch(os.path.join(out, loop.CHECKPOINT_NAME)) == 2
+    assert cli.main([*BASE, "--epochs", "5", "--checkpoint-every", "1", "--resume",
+                     "--out", out]) == 0
+    _assert_same_final(out, uninterrupted)
+    m, ref = _metrics(out), _metrics(uninterrupted)
+    assert m["resumed_from_epoch"] == 2
+    assert m["train_loss"] == ref["train_loss"]  # history of all 5 epochs, bitwise
+    assert m["test_accuracy"] == ref["test_accuracy"]
+
+
+def test_resume_after_sigkill_equals_uninterrupted(tmp_path, uninterrupted):
+    out = str(tmp_path / "run")
+    ckpt = os.path.join(out, loop.CHECKPOINT_NAME)
+    cmd = [sys.executable, "-m", "train", *BASE, "--epochs", "5", "--checkpoint-every", "1",
+           "--out", out, "--debug-epoch-sleep", "0.3"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if os.path.exists(ckpt) and _checkpoint_epoch(ckpt) >= 2:
+                break
+            assert proc.poll() is None, proc.stderr.read().decode()
+            time.sleep(0.05)
+        else:
+            pytest.fail("no checkpoint of epoch 2 within 60 s")
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stderr.close()
+    assert proc.returncode == -signal.SIGKILL
+    done = _checkpoint_epoch(ckpt)
+    assert 2 <= done < 5
+    assert not os.path.exists(os.path.join(out, "metrics.json"))  # killed before the end
+    rc = subprocess.run([sys.executable, "-m", "train", *BASE, "--epochs", "5",
+                         "--checkpoint-every", "1", "--resume", "--out", out], cwd=ROOT,
+                        capture_output=True, text=True, timeout=120)
+    assert rc.returncode == 0, rc.stderr
+    assert f"after epoch {done}" in rc.stdout
+    _assert_same_final(out, uninterrupted)
+    assert _metrics(out)["train_loss"] == _metrics(uninterrupted)["train_loss"]
+
+
+def test_resume_rejects_other_settings(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    assert cli.main([*BASE, "--epochs", "1", "--checkpoint-every", "1", "--out", out]) == 0
+    assert cli.main([*BASE, "--epochs", "2", "--lr", "0.01", "--resume", "--out", out]) == 2
+    err = capsys.readouterr().err
+    assert "other settings" in err and "lr" in err
+
+
+def test_resume_refuses_checkpoint_past_epochs(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    assert cli.main([*BASE, "--epochs", "2", "--checkpoint-every", "1", "--out", out]) == 0
+    assert cli.main([*BASE, "--epochs", "1", "--resume", "--out", out]) == 2
+    assert "already at epoch 2" in capsys.readouterr().err
+
+
+def test_resume_without_checkpoint_starts_fresh(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    assert cli.main([*BASE, "--epochs", "1", "--resume", "--out", out]) == 0
+    assert "starting from scratch" in capsys.readouterr().out
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, capsys, monkeypatch):
+    real = loop.step_fn
+    calls = {"n": 0}
+
+    def poisoned(*args, **kw):
+        step = real(*args, **kw)
+
+        def f(state, x, y):
+            calls["n"] += 1
+            state, loss = step(state, x, y)
+            return state, (loss * np.nan if calls["n"] > 2 * (256 // 32) + 3 else loss)
+        return f
+
+    monkeypatch.setattr(loop, "step_fn", poisoned)
+    out = str(tmp_path / "run")
+    rc = cli.main([*BASE, "--epochs", "5", "--checkpoint-every", "1", "--out", out])
+    assert rc == 1
+    err = capsys.readouterr().err
+    assert "diverged" in err and "epoch 3" in err and "checkpoint" in err
+    assert _checkpoint_epoch(os.path.join(out, loop.CHECKPOINT_NAME)) == 2
+    assert not os.path.exists(os.path.join(out, "metrics.json"))
+    assert not [f for f in os.listdir(out) if f.endswith(".tmp")]
+
+
+def test_real_divergence_exits_nonzero_without_metrics(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    rc = cli.main([*BASE, "--epochs", "2", "--optimizer", "sgd", "--lr", "1e30", "--out", out])
+    assert rc == 1
+    assert "diverged" in capsys.readouterr().err
+    assert not os.path.exists(os.path.join(out, "metrics.json"))
+
+
+def test_failed_write_keeps_old_file_and_leaves_no_temp(tmp_path):
+    path = tmp_path / "metrics.json"
+    _io.write_json(path, {"a": 1})
+
+    def half_then_fail(f):
+        f.write(b'{"a": 2, "trunc')
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        _io.atomic_write(path, half_then_fail)
+    with pytest.raises(TypeError):
+        _io.write_json(path, {"a": object()})
+    assert json.loads(path.read_text()) == {"a": 1}
+    assert os.listdir(tmp_path) == ["metrics.json"]
+
+
+def test_failing_run_leaves_no_partial_metrics(tmp_path, monkeypatch):
+    out = tmp_path / "run"
+
+    def boom(*a, **k):
+        raise RuntimeError("plotting failed")
+
+    monkeypatch.setattr("train.plots.training_curves", boom)
+    with pytest.raises(RuntimeError, match="plotting failed"):
+        cli.main([*BASE[:-1], "--epochs", "1", "--out", str(out)])
+    assert not (out / "metrics.json").exists()
+    assert not [f for f in os.listdir(out) if f.endswith(".tmp")]

@@ -1,0 +1,408 @@
+"""The training loop: one jitted train step, epochs, evaluation, checkpoints, resume.
+
+The whole train step (forward, loss, gradient, optax update, running-stat
+update) is one :func:`jax.jit`. State is a :class:`TrainState` pytree; nothing
+is hidden in objects.
+
+Determinism: parameters come from ``jax.random.key(seed)`` and the data order
+of epoch ``e`` is :func:`train.data.epoch_order` ``(seed, e)``, so a run is a
+pure function of its settings, and a run resumed from an epoch checkpoint
+replays exactly what the uninterrupted run would have done.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import sys
+import time
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from tqdm import tqdm
+
+from train import _io
+from train.data import Dataset, epoch_order
+from train.model import MLPParams, MLPStats, apply, init_mlp
+
+Array = jax.Array
+
+CHECKPOINT_NAME = "checkpoint.npz"
+FINAL_STATE_NAME = "final_state.npz"
+OPTIMIZERS = ("adam", "sgd")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Everything that determines a training run (``out``/``quiet`` only where it goes)."""
+
+    dataset: str = "digits"
+    data_dir: str | None = None
+    hidden: tuple[int, ...] = (256, 256)
+    norm: str = "jaxbn"
+    epochs: int = 20
+    batch_size: int = 64
+    lr: float = 1e-3
+    optimizer: str = "adam"
+    bn_momentum: float = 0.9
+    seed: int = 0
+    split_seed: int = 0
+    init_scale: float | None = None  # None: He init
+    train_subset: int | None = None
+    test_subset: int | None = None
+    devices: int = 1
+    checkpoint_every: int = 0  # epochs; 0: no checkpoints
+    resume: bool = False
+    out: str | None = None
+    quiet: bool = False
+    debug_epoch_sleep: float = 0.0  # test hook: seconds to sleep after each epoch
+
+    # settings that must match for --resume to continue a checkpoint
+    RESUME_KEYS = ("dataset", "hidden", "norm", "batch_size", "lr", "optimizer", "bn_momentum",
+                   "seed", "split_seed", "init_scale", "train_subset", "test_subset")
+
+    def settings(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["hidden"] = list(self.hidden)
+        return d
+
+
+class TrainState(NamedTuple):
+    params: MLPParams
+    stats: MLPStats
+    opt_state: Any  # optax state of the optimizer, a pytree of arrays
+    step: Array  # () int32, optimizer steps taken
+
+
+class Diverged(RuntimeError):
+    """The training loss became NaN or infinite."""
+
+
+class CheckpointError(ValueError):
+    """A checkpoint cannot be resumed with these settings."""
+
+
+class RunResult(NamedTuple):
+    state: TrainState
+    history: list[dict[str, float]]  # one dict per epoch, from epoch 1
+    wall_time_s: float  # this process, including compilation
+    resumed_from_epoch: int  # 0 for a fresh run
+
+
+def make_optimizer(name: str, lr: float) -> optax.GradientTransformation:
+    if name == "adam":
+        return optax.adam(lr)
+    if name == "sgd":
+        return optax.sgd(lr, momentum=0.9)
+    raise ValueError(f"Unknown optimizer {name!r}; expected one of {OPTIMIZERS}.")
+
+
+def loss_fn(params, stats, x, y, *, norm, momentum):
+    logits, new_stats = apply(params, stats, x, norm=norm, train=True, momentum=momentum)
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+    return loss, new_stats
+
+
+def train_step(state: TrainState, x: Array, y: Array, *, norm: str, optimizer, momentum: float):
+    """One optimizer step; returns ``(new_state, loss)``. Pure; jitted by :func:`step_fn`."""
+    (loss, new_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.params, state.stats, x, y, norm=norm, momentum=momentum
+    )
+    # optax's Adam bias correction mixes a Python float with its int32 step count,
+    # which fails under jax_numpy_dtype_promotion="strict" (set by some test suites).
+    with jax.numpy_dtype_promotion("standard"):
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    return TrainState(params, new_stats, opt_state, state.step + 1), loss
+
+
+def batch_sharding(devices: int):
+    """``(replicated, batch)`` NamedShardings over a 1-d ``'batch'`` mesh of ``devices`` devices.
+
+    The mesh takes the first ``devices`` of :func:`jax.devices`, i.e. of all
+    processes after :func:`jax.distributed.initialize` (multi-host), where it
+    must span every device.
+    """
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    available = jax.device_count()
+    if devices > available:
+        raise ValueError(
+            f"--devices {devices} but JAX sees {available} device(s) "
+            f"({jax.default_backend()}). On CPU, set "
+            f"XLA_FLAGS=--xla_force_host_platform_device_count={devices} before starting Python."
+        )
+    if jax.process_count() > 1 and devices != available:
+        raise ValueError(f"With {jax.process_count()} processes, --devices must be all "
+                         f"{available} devices, got {devices}.")
+    mesh = jax.make_mesh((devices,), ("batch",), devices=jax.devices()[:devices])
+    return NamedSharding(mesh, P()), NamedSharding(mesh, P("batch"))
+
+
+def to_global(tree, sharding):
+    """Places host values on ``sharding``; each process fills only its own devices' shards.
+
+    Every process holds the same full values (same data, same seed), so this is
+    correct with one process and with many (:func:`jax.make_array_from_callback`
+    asks only for the shards of addressable devices).
+    """
+    def put(a):
+        a = np.asarray(a)
+        return jax.make_array_from_callback(a.shape, sharding, lambda idx: a[idx])
+
+    return jax.tree.map(put, tree)
+
+
+def is_main_process() -> bool:
+    """Process 0 writes files and prints; the others only compute."""
+    return jax.process_index() == 0
+
+
+@functools.lru_cache(maxsize=64)
+def step_fn(norm: str, optimizer: str, lr: float, momentum: float, devices: int = 1):
+    """The jitted train step (cached, so sweeps over seeds/scales compile once).
+
+    With ``devices > 1`` the batch is split over a ``'batch'`` mesh axis and
+    the state is replicated; XLA inserts the all-reduces, so batch-norm
+    statistics and gradients are those of the whole global batch.
+    """
+    f = functools.partial(train_step, norm=norm, optimizer=make_optimizer(optimizer, lr),
+                          momentum=momentum)
+    if devices == 1:
+        return jax.jit(f)
+    rep, batch = batch_sharding(devices)
+    return jax.jit(f, in_shardings=(rep, batch, batch), out_shardings=(rep, rep))
+
+
+@functools.lru_cache(maxsize=16)
+def predict_fn(norm: str):
+    """Jitted eval-mode logits: batch norm with the running statistics."""
+    return jax.jit(lambda params, stats, x: apply(params, stats, x, norm=norm, train=False)[0])
+
+
+@functools.lru_cache(maxsize=64)
+def predict_train_mode_fn(norm: str, batch_size: int):
+    """Jitted train-mode logits: each chunk of ``batch_size`` rows uses its own batch statistics.
+
+    Takes ``x`` of shape ``(chunks, batch_size, D)``; the chunks are ``vmap``-ed,
+    so statistics are per chunk, as during training.
+    """
+    def f(params, stats, x):
+        return jax.vmap(lambda xb: apply(params, stats, xb, norm=norm, train=True)[0])(x)
+
+    return jax.jit(f)
+
+
+def accuracy(params, stats, x, y, *, norm: str, chunk: int = 4096) -> float:
+    predict = predict_fn(norm)
+    correct = 0
+    for i in range(0, len(y), chunk):
+        logits = predict(params, stats, x[i:i + chunk])
+        correct += int(np.sum(np.asarray(jnp.argmax(logits, -1)) == y[i:i + chunk]))
+    return correct / max(len(y), 1)
+
+
+def train_mode_accuracy(params, stats, x, y, *, norm: str, batch_size: int) -> float:
+    """Accuracy when test batches of ``batch_size`` are normalized with their own statistics.
+
+    Every example is counted: the test set is cut into batches of
+    ``min(batch_size, N)``; a remainder of ``r >= 2`` examples is its own
+    (smaller) batch, a single leftover example is normalized together with the
+    ``batch_size - 1`` examples before it.
+    """
+    n = len(y)
+    b = min(batch_size, n)
+    full = (n // b) * b
+    preds = []
+    if full:
+        logits = predict_train_mode_fn(norm, b)(params, stats, x[:full].reshape(-1, b, x.shape[-1]))
+        preds.append(np.asarray(jnp.argmax(logits, -1)).reshape(-1))
+    r = n - full
+    if r >= 2:
+        logits = predict_train_mode_fn(norm, r)(params, stats, x[None, full:])
+        preds.append(np.asarray(jnp.argmax(logits, -1)).reshape(-1))
+    elif r == 1:
+        logits = predict_train_mode_fn(norm, b)(params, stats, x[None, n - b:])
+        preds.append(np.asarray(jnp.argmax(logits, -1)).reshape(-1)[-1:])
+    return float(np.mean(np.concatenate(preds) == y))
+
+
+def init_state(cfg: TrainConfig, ds: Dataset) -> TrainState:
+    sizes = (ds.x_train.shape[1], *cfg.hidden, ds.num_classes)
+    params, stats = init_mlp(jax.random.key(cfg.seed), sizes, norm=cfg.norm,
+                             init_scale=cfg.init_scale)
+    opt_state = make_optimizer(cfg.optimizer, cfg.lr).init(params)
+    return TrainState(params, stats, opt_state, jnp.zeros((), jnp.int32))
+
+
+# --- checkpoints -------------------------------------------------------------------------
+
+def save_checkpoint(path: str, state: TrainState, *, epoch: int, cfg: TrainConfig,
+                    history: list[dict]) -> None:
+    """Saves the state's leaves and the resume metadata to one ``.npz``, atomically.
+
+    The data-order state is ``(seed, next epoch)``: see :func:`epoch_order`.
+    """
+    leaves = jax.tree.leaves(state)
+    arrays = {f"leaf_{i:05d}": np.asarray(leaf) for i, leaf in enumerate(leaves)}
+    meta = {
+        "epochs_done": epoch,
+        "step": int(state.step),
+        "data_order": {"seed": cfg.seed, "next_epoch": epoch,
+                       "rule": "numpy.random.default_rng([seed, epoch]).permutation(n)"},
+        "settings": cfg.settings(),
+        "history": history,
+    }
+    arrays["meta"] = np.array(json.dumps(meta))
+    _io.write_npz(path, arrays)
+
+
+def load_checkpoint(path: str, template: TrainState, cfg: TrainConfig):
+    """Returns ``(state, epochs_done, history)``; CheckpointError if it does not fit ``cfg``."""
+    with np.load(path, allow_pickle=False) as z:
+        meta = json.loads(str(z["meta"]))
+        leaves = [z[f"leaf_{i:05d}"] for i in range(sum(k.startswith("leaf_") for k in z.files))]
+    saved = meta["settings"]
+    now = cfg.settings()
+    diff = {k: (saved.get(k), now[k]) for k in TrainConfig.RESUME_KEYS if saved.get(k) != now[k]}
+    if diff:
+        details = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in diff.items())
+        raise CheckpointError(f"Checkpoint {path} was written with other settings ({details}). "
+                              "Resume with the same settings or use another --out.")
+    t_leaves, treedef = jax.tree.flatten(template)
+    if len(leaves) != len(t_leaves) or any(
+        a.shape != np.shape(b) or a.dtype != np.asarray(b).dtype for a, b in zip(leaves, t_leaves)
+    ):
+        raise CheckpointError(f"Checkpoint {path} does not match the model's parameter shapes.")
+    state = jax.tree.unflatten(treedef, [jnp.asarray(a) for a in leaves])
+    return state, int(meta["epochs_done"]), list(meta["history"])
+
+
+# --- the loop ----------------------------------------------------------------------------
+
+def _log(msg: str, quiet_bar: bool) -> None:
+    if quiet_bar:
+        print(msg, flush=True)
+    else:
+        tqdm.write(msg)
+
+
+def run(cfg: TrainConfig, ds: Dataset, *, verbose: bool = True,
+        init: TrainState | None = None) -> RunResult:
+    """Trains ``cfg`` on ``ds``; writes checkpoints to ``cfg.out`` if asked.
+
+    ``init`` replaces the seeded initial state (``compare`` uses it to measure
+    how far a one-ulp perturbation of the initial parameters drifts).
+
+    Raises:
+      Diverged: the loss became NaN/inf; the last good checkpoint (if any) is kept.
+      CheckpointError: ``--resume`` with a checkpoint from other settings.
+    """
+    t0 = time.perf_counter()
+    n = len(ds.y_train)
+    if cfg.batch_size < 2 or cfg.batch_size > n:
+        raise ValueError(f"Expected 2 <= batch size <= {n} (training examples), "
+                         f"got {cfg.batch_size}.")
+    if cfg.batch_size % cfg.devices:
+        raise ValueError(f"Batch size {cfg.batch_size} must be divisible by --devices "
+                         f"{cfg.devices}.")
+    step = step_fn(cfg.norm, cfg.optimizer, cfg.lr, cfg.bn_momentum, cfg.devices)
+    state = init_state(cfg, ds) if init is None else init
+    history: list[dict] = []
+    start = 0
+    ckpt = os.path.join(cfg.out, CHECKPOINT_NAME) if cfg.out else None
+    if cfg.resume and ckpt and os.path.exists(ckpt):
+        state, start, history = load_checkpoint(ckpt, state, cfg)
+        if start > cfg.epochs:
+            raise CheckpointError(f"Checkpoint {ckpt} is already at epoch {start}, past "
+                                  f"--epochs {cfg.epochs}.")
+        if verbose:
+            print(f"resuming from {ckpt} after epoch {start} (step {int(state.step)})",
+                  flush=True)
+    elif cfg.resume and verbose:
+        print(f"--resume: no checkpoint at {ckpt}; starting from scratch", flush=True)
+    put = lambda a: a  # noqa: E731
+    host = lambda tree: tree  # noqa: E731
+    if cfg.devices > 1:
+        rep, batch_sh = batch_sharding(cfg.devices)
+        state = to_global(state, rep)
+        put = lambda a: to_global(a, batch_sh)  # noqa: E731
+        host = jax.device_get  # replicated arrays: every process reads its local copy
+    verbose = verbose and is_main_process()
+    steps_per_epoch = n // cfg.batch_size  # the incomplete last batch is dropped
+    for epoch in range(start, cfg.epochs):
+        te = time.perf_counter()
+        order = epoch_order(cfg.seed, epoch, n)
+        losses = []
+        bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
+                   disable=cfg.quiet or not verbose, file=sys.stderr, dynamic_ncols=True)
+        for i in range(steps_per_epoch):
+            idx = order[i * cfg.batch_size:(i + 1) * cfg.batch_size]
+            state, loss = step(state, put(ds.x_train[idx]), put(ds.y_train[idx]))
+            losses.append(loss)
+            bar.update()
+        bar.close()
+        losses = np.array([np.asarray(v) for v in jax.device_get(losses)])
+        if not np.all(np.isfinite(losses)):
+            bad = int(np.argmax(~np.isfinite(losses)))
+            kept = (f"the last good checkpoint {ckpt} (epoch {history[-1]['epoch']}) is kept"
+                    if ckpt and cfg.checkpoint_every and history and os.path.exists(ckpt)
+                    else "no checkpoint was written")
+            raise Diverged(
+                f"training diverged: loss is {losses[bad]} at epoch {epoch + 1}, step "
+                f"{epoch * steps_per_epoch + bad + 1}; {kept}. Try a smaller --lr."
+            )
+        params, stats = host((state.params, state.stats))
+        rec = {
+            "epoch": epoch + 1,
+            "train_loss": float(losses.mean()),
+            "train_accuracy": accuracy(params, stats, ds.x_train, ds.y_train, norm=cfg.norm),
+            "test_accuracy": accuracy(params, stats, ds.x_test, ds.y_test, norm=cfg.norm),
+            "epoch_time_s": time.perf_counter() - te,
+        }
+        history.append(rec)
+        if verbose:
+            _log(f"epoch {rec['epoch']:3d}/{cfg.epochs}  loss {rec['train_loss']:.4f}  "
+                 f"train acc {100 * rec['train_accuracy']:6.2f}%  "
+                 f"test acc {100 * rec['test_accuracy']:6.2f}%  ({rec['epoch_time_s']:.2f} s)",
+                 cfg.quiet)
+        if (ckpt and cfg.checkpoint_every and (epoch + 1) % cfg.checkpoint_every == 0
+                and is_main_process()):
+            save_checkpoint(ckpt, state, epoch=epoch + 1, cfg=cfg, history=history)
+        if cfg.debug_epoch_sleep:
+            time.sleep(cfg.debug_epoch_sleep)
+    return RunResult(state, history, time.perf_counter() - t0, start)
+
+
+def save_final_state(path: str, state: TrainState) -> None:
+    """Final params and running stats (leaves in ``jax.tree.leaves`` order), atomically."""
+    leaves = jax.tree.leaves((state.params, state.stats))
+    _io.write_npz(path, {f"leaf_{i:05d}": np.asarray(a) for i, a in enumerate(leaves)})
+
+
+def versions() -> dict[str, str]:
+    import platform
+
+    import jaxlib
+    import sklearn
+
+    import jaxbn
+
+    return {
+        "python": platform.python_version(),
+        "jax": jax.__version__,
+        "jaxlib": jaxlib.__version__,
+        "optax": optax.__version__,
+        "numpy": np.__version__,
+        "scikit-learn": sklearn.__version__,
+        "jaxbn": jaxbn.__version__,
+        "backend": jax.default_backend(),
+        "device": str(jax.devices()[0].device_kind),
+        "platform": platform.platform(),
+    }
