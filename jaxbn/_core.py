@@ -25,6 +25,7 @@ recomputed in the backward pass inside the same fused loop.
 from __future__ import annotations
 
 import functools
+import numbers
 from collections.abc import Hashable, Sequence
 from typing import Any
 
@@ -194,13 +195,14 @@ def normalize(
 
 def canonicalize_axes(axis: int | Sequence[int], ndim: int) -> tuple[int, ...]:
     """Sorted, de-duplicated non-negative axes; ValueError when one is out of range."""
-    axes = (axis,) if isinstance(axis, int) else tuple(axis)
+    axes = tuple(axis) if isinstance(axis, (tuple, list)) else (axis,)
     if not axes:
         raise ValueError("Expected at least one feature axis, got axis=().")
     out = []
     for a in axes:
-        if not isinstance(a, int) or isinstance(a, bool):
+        if not isinstance(a, numbers.Integral) or isinstance(a, bool):
             raise TypeError(f"Expected axis to be an int or a tuple of ints, got {axis!r}.")
+        a = int(a)
         if not -ndim <= a < ndim:
             raise ValueError(
                 f"axis {a} is out of range for an input of rank {ndim} "
