@@ -128,6 +128,8 @@ def _normalize_bwd(stat_axes, eps, axis_name, residuals, dy):
     if mask is not None:
         dy = jnp.where(mask, dy, 0)
     xhat = (x.astype(dtype) - mean) * inv_std
+    if mask is not None:
+        xhat = jnp.where(mask, xhat, 0)  # masked entries may hold inf/NaN padding
     dgamma = _sum_to(dy * xhat, gamma.shape)
     dbeta = _sum_to(dy, beta.shape)
     dxhat = dy * gamma.astype(dtype)
