@@ -108,8 +108,8 @@ def test_grad_of_grad_matches_autodiff(impl, dtype):
     assert_trees_all_close(got, want, rtol=10 * rtol(dtype))
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("impl", list(IMPLS))
+@pytest.mark.parametrize(("impl", "dtype"), [("custom", np.float32), ("custom", np.float64),
+                                           ("staged", np.float64)])
 def test_hessian_matches_autodiff(impl, dtype):
     """jax.hessian is forward-over-reverse: forward mode through the backward pass."""
     x, g, b, ct = _inputs((4, 2), seed=9)
