@@ -124,7 +124,9 @@ def test_layer_norm_is_per_example():
 
 # ---------------------------------------------------------------- group norm
 
-GROUP_CASES = [((4, 6), 1), ((4, 6), 2), ((4, 6), 3),
+# (N, C) groups hold >= 4 channels: with 2 values per group xhat = +-1 exactly up to eps
+# and the true dx is pure cancellation (~eps/var), so its relative error is meaningless.
+GROUP_CASES = [((4, 12), 1), ((4, 12), 2), ((4, 12), 3),
                ((2, 3, 3, 6), 1), ((2, 3, 3, 6), 2), ((2, 3, 3, 6), 3), ((2, 3, 3, 6), 6),
                ((2, 5, 4), 2)]
 GROUP_IDS = ["NC-G1", "NC-G2", "NC-G3", "NHWC-G1", "NHWC-G2", "NHWC-G3", "NHWC-G6=C", "NLC-G2"]
