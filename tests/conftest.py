@@ -15,3 +15,13 @@ if _FLAG not in os.environ.get("XLA_FLAGS", ""):
 import jax  # noqa: E402
 
 jax.config.update("jax_numpy_dtype_promotion", "strict")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _no_x64_leak():
+    """float64 tests scope jax_enable_x64 to a ``with helpers.x64(...)`` block; check none leaks."""
+    before = jax.config.jax_enable_x64
+    yield
+    assert jax.config.jax_enable_x64 == before, "a test left jax_enable_x64 changed"
