@@ -181,6 +181,28 @@ def test_group_norm_groups_are_contiguous_channels():
     assert not np.allclose(y1[..., :3] * 50, y2[..., :3])
 
 
+@pytest.mark.parametrize("norm", ["layer", "group"])
+def test_family_hessian_and_grad_of_grad_match_naive(norm):
+    """Second order (forward-over-reverse and reverse-over-reverse) through the shared core."""
+    with x64(np.float64):
+        x, g, b, ct = as_dtype(_group_inputs((2, 2, 6), seed=60), np.float64)
+        if norm == "layer":
+            ours = lambda g, b, x: jaxbn.layer_norm(jaxbn.BatchNormParams(g, b), x)  # noqa: E731
+            naive = lambda g, b, x: layer_norm_naive(g, b, x, -1)  # noqa: E731
+        else:
+            ours = lambda g, b, x: jaxbn.group_norm(jaxbn.BatchNormParams(g, b), x, 3)  # noqa
+            naive = lambda g, b, x: group_norm_naive(g, b, x, 3)  # noqa: E731
+
+        def second_order(f):
+            loss = lambda x, g: jnp.sum(jnp.tanh(f(g, b, x)) * ct)  # noqa: E731
+            gg = jax.grad(lambda x, g: jnp.sum(jax.grad(loss, (0, 1))(x, g)[0] ** 2), (0, 1))
+            return jax.hessian(loss, (0, 1))(x, g), gg(x, g)
+
+        got = jax.jit(lambda: second_order(ours))()
+        want = jax.jit(lambda: second_order(naive))()
+    assert_trees_all_close(got, want, rtol=10 * RTOL64)
+
+
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
 def test_family_half_precision(dtype):
     x, g, b, _ = _group_inputs((4, 2, 2, 6), seed=50)

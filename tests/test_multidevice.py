@@ -160,26 +160,35 @@ def test_pmap_axis_name(impl):
     assert not np.allclose(np.asarray(dg[0]), np.asarray(want_dg))  # really local
 
 
+@pytest.mark.parametrize("masked", [False, True], ids=["", "masked"])
+@pytest.mark.parametrize("shape", [(6, 2, 2, 3), (6, 3)], ids=["NHWC", "ND"])
 @pytest.mark.parametrize("impl", list(IMPLS))
-def test_vmap_axis_name_per_example(impl):
-    """Equinox style: vmap over single examples with axis_name = batch norm of the batch."""
-    inputs = _inputs((6, 2, 2, 3), seed=40)
+def test_vmap_axis_name_per_example(impl, shape, masked):
+    """Equinox style: vmap over single examples with axis_name = batch norm of the batch.
+
+    For (N, D) each example is a (D,) vector: nothing is reduced locally, all
+    statistics come from the named axis."""
+    inputs = _inputs(shape, seed=40)
+    keep = np.array([True, False, True, True, False, True])
+    mask = jnp.asarray(keep) if masked else None  # per example: a scalar mask each
     with x64(np.float64):
         x, g, b, ct = as_dtype(inputs, np.float64)
-        want = single_device(IMPLS[impl], x, g, b, ct)
+        whole_mask = None if mask is None else mask.reshape((6,) + (1,) * (len(shape) - 2))
+        want = single_device(IMPLS[impl], x, g, b, ct, whole_mask)
         per_example = jax.vmap(
-            lambda g, b, xi: IMPLS[impl](jaxbn.BatchNormParams(g, b), xi, axis_name="batch"),
-            in_axes=(None, None, 0), axis_name="batch")
+            lambda g, b, xi, mi: IMPLS[impl](jaxbn.BatchNormParams(g, b), xi, axis_name="batch",
+                                             mask=mi),
+            in_axes=(None, None, 0, None if mask is None else 0), axis_name="batch")
 
         @jax.jit
-        def run(x, g, b, ct):
-            y, vjp = jax.vjp(lambda x, g, b: per_example(g, b, x), x, g, b)
+        def run(x, g, b, ct, mask):
+            y, vjp = jax.vjp(lambda x, g, b: per_example(g, b, x, mask), x, g, b)
             return y, vjp(ct)
 
-        got = run(x, g, b, ct)
+        got = run(x, g, b, ct, mask)
         # A single example of shape (C,) has nothing to normalize over on its own...
         with pytest.raises(ValueError, match="batch of one|single value"):
-            IMPLS[impl](jaxbn.BatchNormParams(g, b), x[0, 0, 0])
+            IMPLS[impl](jaxbn.BatchNormParams(g, b), x.reshape(-1, shape[-1])[0])
     assert_trees_all_close(got, want, rtol=RTOL64)
 
 
