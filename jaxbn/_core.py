@@ -25,7 +25,7 @@ recomputed in the backward pass inside the same fused loop.
 from __future__ import annotations
 
 import functools
-import operator
+import numbers
 from collections.abc import Hashable, Sequence
 from typing import Any
 
@@ -128,6 +128,8 @@ def _normalize_bwd(stat_axes, eps, axis_name, residuals, dy):
     if mask is not None:
         dy = jnp.where(mask, dy, 0)
     xhat = (x.astype(dtype) - mean) * inv_std
+    if mask is not None:
+        xhat = jnp.where(mask, xhat, 0)  # masked entries may hold inf/NaN padding
     dgamma = _sum_to(dy * xhat, gamma.shape)
     dbeta = _sum_to(dy, beta.shape)
     dxhat = dy * gamma.astype(dtype)
@@ -186,8 +188,7 @@ def normalize(
             raise
         raise TypeError(
             "jaxbn norms have a closed-form reverse-mode derivative (jax.custom_vjp) and "
-            "therefore no forward mode, so jax.jvp / jax.jacfwd / jax.linearize cannot "
-            "be applied to them. Use reverse mode instead: jax.grad, jax.vjp or "
+            "therefore no forward mode, so jax.jvp / jax.jacfwd cannot be applied to them. Use reverse mode instead: jax.grad, jax.vjp or "
             "jax.jacrev; jax.hessian works (forward-over-reverse). If you need "
             "forward mode, use jaxbn.reference.batch_norm_autodiff."
         ) from err
@@ -195,15 +196,14 @@ def normalize(
 
 def canonicalize_axes(axis: int | Sequence[int], ndim: int) -> tuple[int, ...]:
     """Sorted, de-duplicated non-negative axes; ValueError when one is out of range."""
-    axes = (axis,) if not isinstance(axis, Sequence) else tuple(axis)
+    axes = tuple(axis) if isinstance(axis, (tuple, list)) else (axis,)
     if not axes:
         raise ValueError("Expected at least one feature axis, got axis=().")
     out = []
     for a in axes:
-        try:
-            a = operator.index(a)
-        except TypeError:
-            raise TypeError(f"Expected axis to be an int or a tuple of ints, got {axis!r}.") from None
+        if not isinstance(a, numbers.Integral) or isinstance(a, bool):
+            raise TypeError(f"Expected axis to be an int or a tuple of ints, got {axis!r}.")
+        a = int(a)
         if not -ndim <= a < ndim:
             raise ValueError(
                 f"axis {a} is out of range for an input of rank {ndim} "

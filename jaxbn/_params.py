@@ -132,6 +132,9 @@ def check_mask(mask: Any, x: Array, feature_axes: tuple[int, ...]) -> Array | No
     mask = jnp.asarray(mask)
     if mask.dtype != jnp.bool_:
         raise TypeError(f"Expected a boolean mask, got dtype {mask.dtype}.")
+    if mask.ndim == x.ndim and all(mask.shape[a] == 1 for a in feature_axes):
+        # A mask of x's rank with size 1 on the feature axes, e.g. (N, 1) for (N, D).
+        mask = jnp.squeeze(mask, feature_axes)
     batch_shape = tuple(n for i, n in enumerate(x.shape) if i not in feature_axes)
     try:
         np.broadcast_shapes(mask.shape, batch_shape)

@@ -56,6 +56,7 @@ def batch_norm_autodiff(
     dtype = compute_dtype(x.dtype)
     xf = x.astype(dtype)
     keep = jnp.ones((), bool) if mask is None else mask
+    xf = jnp.where(keep, xf, 0)  # masked entries may hold inf/NaN padding
     count = _count(xf, mask, stat_axes, axis_name)
     mean = _sum(jnp.where(keep, xf, 0), stat_axes, axis_name) / count
     var = _sum(jnp.where(keep, (xf - mean) ** 2, 0), stat_axes, axis_name) / count

@@ -1,0 +1,159 @@
+"""Bad input gets a clear ValueError/TypeError at trace time that says what was expected."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxbn
+from jaxbn.reference import batch_norm_autodiff, batch_norm_staged
+
+pytestmark = pytest.mark.filterwarnings("error")
+
+X = np.random.default_rng(0).normal(size=(4, 3)).astype(np.float32)
+X4 = np.random.default_rng(1).normal(size=(2, 3, 3, 6)).astype(np.float32)
+P3 = jaxbn.init(3)
+P6 = jaxbn.init(6)
+S3 = jaxbn.init_stats(3)
+
+# (id, function of the array arguments, arguments, exception, regex the message must match)
+CASES = [
+    ("params-shape", lambda x: jaxbn.batch_norm(jaxbn.init(4), x), (X,), ValueError,
+     r"Expected params gamma of shape \(3,\).*got shape \(4,\)"),
+    ("params-shape-nchw", lambda x: jaxbn.batch_norm(P6, x, axis=1), (X4,), ValueError,
+     r"Expected params gamma of shape \(3,\).*feature axes \(1,\).*got shape \(6,\)"),
+    ("beta-shape", lambda x: jaxbn.batch_norm({"gamma": jnp.ones(3), "beta": jnp.zeros(2)}, x),
+     (X,), ValueError, r"params beta of shape \(3,\).*got shape \(2,\)"),
+    ("params-tuple-axis", lambda x: jaxbn.batch_norm(jaxbn.init(6), x, axis=(1, 2)), (X4,),
+     ValueError, r"shape \(3, 3\).*got shape \(6,\)"),
+    ("int-input", lambda x: jaxbn.batch_norm(P3, x), (X.astype(np.int32),), TypeError,
+     r"floating dtype.*got int32"),
+    ("bool-input", lambda x: jaxbn.batch_norm(P3, x), (X > 0,), TypeError, r"floating dtype.*bool"),
+    ("int-input-layer", lambda x: jaxbn.layer_norm(P3, x), (X.astype(np.int32),), TypeError,
+     r"floating dtype"),
+    ("int-input-group", lambda x: jaxbn.group_norm(P6, x, 2), (X4.astype(np.int8),), TypeError,
+     r"floating dtype"),
+    ("int-input-eval", lambda x: jaxbn.batch_norm_eval(P3, S3, x), (X.astype(np.int32),),
+     TypeError, r"floating dtype"),
+    ("axis-out-of-range", lambda x: jaxbn.batch_norm(P3, x, axis=2), (X,), ValueError,
+     r"axis 2 is out of range for an input of rank 2 \(valid: -2 to 1\)"),
+    ("neg-axis-out-of-range", lambda x: jaxbn.batch_norm(P3, x, axis=-3), (X,), ValueError,
+     r"axis -3 is out of range"),
+    ("tuple-axis-out-of-range", lambda x: jaxbn.batch_norm(P3, x, axis=(1, 4)), (X4,),
+     ValueError, r"axis 4 is out of range for an input of rank 4"),
+    ("empty-axis", lambda x: jaxbn.batch_norm(P3, x, axis=()), (X,), ValueError,
+     r"at least one feature axis"),
+    ("float-axis", lambda x: jaxbn.batch_norm(P3, x, axis=1.0), (X,), TypeError,
+     r"axis to be an int"),
+    ("str-axis", lambda x: jaxbn.batch_norm(P3, x, axis="channels"), (X,), TypeError,
+     r"axis to be an int"),
+    ("layer-axis-out-of-range", lambda x: jaxbn.layer_norm(P3, x, axis=5), (X,), ValueError,
+     r"out of range"),
+    ("batch-of-one", lambda x: jaxbn.batch_norm(P3, x), (X[:1],), ValueError,
+     r"batch of one.*batch_norm_eval"),
+    ("batch-of-one-train", lambda x: jaxbn.batch_norm_train(P3, S3, x), (X[:1],), ValueError,
+     r"batch of one"),
+    ("batch-of-one-autodiff", lambda x: batch_norm_autodiff(P3, x), (X[:1],), ValueError,
+     r"batch of one"),
+    ("batch-of-one-staged", lambda x: batch_norm_staged(P3, x), (X[:1],), ValueError,
+     r"batch of one"),
+    ("batch-of-one-nchw-1x1", lambda x: jaxbn.batch_norm(P6, x, axis=-1), (X4[:1, :1, :1],),
+     ValueError, r"single value on the axes \(0, 1, 2\)"),
+    ("layer-norm-one-feature", lambda x: jaxbn.layer_norm(jaxbn.init(1), x), (X[:, :1],),
+     ValueError, r"layer_norm needs more than one value"),
+    ("instance-norm-1x1", lambda x: jaxbn.group_norm(P6, x, 6), (X4[:, :1, :1],), ValueError,
+     r"group_norm needs more than one value"),
+    ("mask-wrong-shape", lambda x, m: jaxbn.batch_norm(P3, x, mask=m), (X, np.ones(5, bool)),
+     ValueError, r"mask broadcastable to \(4,\).*got shape \(5,\)"),
+    ("mask-feature-shaped", lambda x, m: jaxbn.batch_norm(P3, x, mask=m),
+     (X, np.ones((4, 3), bool)), ValueError, r"mask broadcastable to \(4,\).*got shape \(4, 3\)"),
+    ("mask-too-many-dims", lambda x, m: jaxbn.batch_norm(P6, x, mask=m),
+     (X4, np.ones((1, 2, 3, 3), bool)), ValueError, r"mask broadcastable to \(2, 3, 3\)"),
+    ("mask-nhwc-wrong", lambda x, m: jaxbn.batch_norm(P6, x, mask=m), (X4, np.ones((2, 2), bool)),
+     ValueError, r"mask broadcastable to \(2, 3, 3\).*got shape \(2, 2\)"),
+    ("mask-not-bool", lambda x, m: jaxbn.batch_norm(P3, x, mask=m), (X, np.ones(4, np.float32)),
+     TypeError, r"boolean mask, got dtype float32"),
+    ("mask-int", lambda x, m: jaxbn.batch_norm_train(P3, S3, x, mask=m), (X, np.ones(4, np.int32)),
+     TypeError, r"boolean mask, got dtype int32"),
+    ("mask-staged", lambda x, m: batch_norm_staged(P3, x, mask=m), (X, np.ones(3, bool)),
+     ValueError, r"mask broadcastable"),
+    ("groups-not-dividing", lambda x: jaxbn.group_norm(P6, x, 4), (X4,), ValueError,
+     r"(?=.*C=6)(?=.*num_groups=4)"),
+    ("groups-zero", lambda x: jaxbn.group_norm(P6, x, 0), (X4,), ValueError,
+     r"positive divisor.*C=6.*num_groups=0"),
+    ("groups-too-many", lambda x: jaxbn.group_norm(P6, x, 12), (X4,), ValueError,
+     r"C=6.*num_groups=12"),
+    ("group-norm-rank-1", lambda x: jaxbn.group_norm(P6, x, 2), (X4[0, 0, 0],), ValueError,
+     r"rank >= 2"),
+    ("group-params-shape", lambda x: jaxbn.group_norm(P3, x, 3), (X4,), ValueError,
+     r"params gamma of shape \(6,\)"),
+    ("momentum-neg", lambda x: jaxbn.batch_norm_train(P3, S3, x, momentum=-0.1), (X,),
+     ValueError, r"momentum in \[0, 1\], got -0.1"),
+    ("momentum-big", lambda x: jaxbn.batch_norm_train(P3, S3, x, momentum=1.5), (X,),
+     ValueError, r"momentum in \[0, 1\], got 1.5"),
+    ("momentum-nan", lambda x: jaxbn.batch_norm_train(P3, S3, x, momentum=float("nan")), (X,),
+     ValueError, r"momentum in \[0, 1\], got nan"),
+    ("eps-neg", lambda x: jaxbn.batch_norm(P3, x, eps=-1e-5), (X,), ValueError,
+     r"eps to be a non-negative Python number, got -1e-05"),
+    ("eps-nan", lambda x: jaxbn.batch_norm(P3, x, eps=float("nan")), (X,), ValueError,
+     r"non-negative.*nan"),
+    ("eps-str", lambda x: jaxbn.batch_norm(P3, x, eps="1e-5"), (X,), ValueError,
+     r"non-negative Python number"),
+    ("eps-layer", lambda x: jaxbn.layer_norm(P3, x, eps=-1.0), (X,), ValueError, r"eps"),
+    ("eps-group", lambda x: jaxbn.group_norm(P6, x, 2, eps=-1.0), (X4,), ValueError, r"eps"),
+    ("eps-eval", lambda x: jaxbn.batch_norm_eval(P3, S3, x, eps=-1.0), (X,), ValueError, r"eps"),
+    ("dict-missing-beta", lambda x: jaxbn.batch_norm({"gamma": jnp.ones(3)}, x), (X,), ValueError,
+     r"keys 'gamma' and 'beta', got keys \['gamma'\]"),
+    ("dict-missing-both", lambda x: jaxbn.layer_norm({"scale": jnp.ones(3)}, x), (X,), ValueError,
+     r"keys 'gamma' and 'beta', got keys \['scale'\]"),
+    ("params-wrong-type", lambda x: jaxbn.batch_norm([jnp.ones(3), jnp.zeros(3)], x), (X,),
+     TypeError, r"BatchNormParams or a dict.*got list"),
+    ("stats-wrong-type", lambda x: jaxbn.batch_norm_train(P3, (jnp.zeros(3), jnp.ones(3)), x),
+     (X,), TypeError, r"stats to be jaxbn.RunningStats, got tuple"),
+    ("stats-wrong-type-eval", lambda x: jaxbn.batch_norm_eval(P3, {"mean": 0}, x), (X,),
+     TypeError, r"RunningStats, got dict"),
+    ("stats-shape", lambda x: jaxbn.batch_norm_train(P3, jaxbn.init_stats(2), x), (X,),
+     ValueError, r"running stats mean of shape \(3,\).*got shape \(2,\)"),
+    ("stats-shape-eval", lambda x: jaxbn.batch_norm_eval(P3, jaxbn.init_stats(4), x), (X,),
+     ValueError, r"running stats mean of shape \(3,\)"),
+]
+
+
+@pytest.mark.parametrize(("fn", "args", "exc", "match"), [c[1:] for c in CASES],
+                         ids=[c[0] for c in CASES])
+@pytest.mark.parametrize("mode", ["eager", "jit", "eval_shape"])
+def test_error(fn, args, exc, match, mode):
+    """Each error is raised eagerly, under jit, and by tracing alone (jax.eval_shape)."""
+    run = {
+        "eager": lambda: fn(*args),
+        "jit": lambda: jax.jit(fn)(*args),
+        "eval_shape": lambda: jax.eval_shape(fn, *args),
+    }[mode]
+    with pytest.raises(exc, match=match):
+        run()
+
+
+def test_error_cases_are_valid_with_the_fix_applied():
+    """The same calls succeed once the one wrong thing is fixed (the checks are not over-eager)."""
+    jax.jit(lambda x: jaxbn.batch_norm(P3, x))(X)
+    jax.jit(lambda x: jaxbn.batch_norm(P6, x, axis=-1))(X4[:1])  # N=1, H*W=9: fine
+    jax.jit(lambda x: jaxbn.batch_norm(jaxbn.init(3), x, axis=1))(X4[:, :, :1, :1])  # N=2
+    jax.jit(lambda x: jaxbn.batch_norm(P3, x, axis=-2))(X.T)
+    jax.jit(lambda x: jaxbn.batch_norm(P3, x, axis=np.int64(-1)))(X)  # NumPy integer axis
+    jax.jit(lambda x: jaxbn.batch_norm(P3, x, axis=[1]))(X)
+    jax.jit(lambda x: jaxbn.batch_norm(jaxbn.init((3, 3)), x, axis=(1, 2)))(X4)
+    jax.jit(lambda x: jaxbn.group_norm(P6, x, 3))(X4)
+    jax.jit(lambda x: jaxbn.group_norm(P6, x, 6))(X4)  # instance norm over H*W=9
+    jax.jit(lambda x: jaxbn.batch_norm_train(P3, S3, x, momentum=0.0))(X)
+    jax.jit(lambda x: jaxbn.batch_norm(P3, x, eps=0))(X)
+    jax.jit(lambda x, m: jaxbn.batch_norm(P3, x, mask=m))(X, np.ones(4, bool))
+    jax.jit(lambda x, m: jaxbn.batch_norm(P6, x, mask=m))(X4, np.ones((3, 1), bool))
+    jax.jit(lambda x: jaxbn.batch_norm(P3, x, axis_name=None))(X)
+
+
+def test_batch_of_one_nhwc_with_spatial_extent_is_fine():
+    y = jax.jit(lambda x: jaxbn.batch_norm(P6, x))(X4[:1])
+    assert y.shape == (1, 3, 3, 6)
+    np.testing.assert_allclose(np.asarray(y).mean((0, 1, 2)), 0, atol=1e-6)
