@@ -39,11 +39,14 @@ def _check_reduced_size(x: Array, stat_axes: tuple[int, ...], axis_name: AxisNam
         )
 
 
+def _checked(params, x, eps):
+    """The checks every norm starts with: params structure, floating input, eps."""
+    return as_params(params), check_input(x), check_eps(eps)
+
+
 def _batch_norm_layout(params, x, axis, eps, mask):
     """Validates batch-norm arguments; returns what the core needs and the feature axes."""
-    params = as_params(params)
-    x = check_input(x)
-    eps = check_eps(eps)
+    params, x, eps = _checked(params, x, eps)
     feature_axes, stat_axes, shape = feature_layout(x, axis)
     gamma, beta = per_feature(params, ("gamma", "beta"), x, feature_axes, shape, "params")
     mask = check_mask(mask, x, feature_axes)
@@ -211,9 +214,7 @@ def layer_norm(
     Returns:
       ``y`` with ``x``'s shape and dtype.
     """
-    params = as_params(params)
-    x = check_input(x)
-    eps = check_eps(eps)
+    params, x, eps = _checked(params, x, eps)
     feature_axes, _, shape = feature_layout(x, axis)
     gamma, beta = per_feature(params, ("gamma", "beta"), x, feature_axes, shape, "params")
     _check_reduced_size(x, feature_axes, None, "layer_norm")
@@ -237,9 +238,7 @@ def group_norm(params: Params, x: Array, num_groups: int, *, eps: float = 1e-5) 
     Returns:
       ``y`` with ``x``'s shape and dtype.
     """
-    params = as_params(params)
-    x = check_input(x)
-    eps = check_eps(eps)
+    params, x, eps = _checked(params, x, eps)
     if x.ndim < 2:
         raise ValueError(f"Expected x of rank >= 2, (N, ..., C), got shape {x.shape}.")
     channels = x.shape[-1]
