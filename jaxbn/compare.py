@@ -236,7 +236,8 @@ def compare(
 ) -> dict[str, Any]:
     """Runs the comparison; returns the JSON-able result (see module docstring).
 
-    Float64 needs ``jax_enable_x64``; :func:`main` turns it on.
+    Float64 needs ``jax_enable_x64`` (e.g. ``with jax.enable_x64(True):``);
+    :func:`main` turns it on for the run.
     """
     import jax
     import jax.numpy as jnp
@@ -343,12 +344,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     import jax
 
-    if args.dtype == "float64":
-        jax.config.update("jax_enable_x64", True)  # before any array is created
-    result = compare(
-        args.shape, args.dtype, eps=args.eps, seed=args.seed, repeats=args.repeats,
-        fd_samples=args.fd_samples, time_it=not args.no_time,
-    )
+    # Float64 needs x64 on before any array is created; the context manager
+    # keeps it from leaking into a caller's process (main is also called by tests).
+    with jax.enable_x64(args.dtype == "float64" or jax.config.jax_enable_x64):
+        result = compare(
+            args.shape, args.dtype, eps=args.eps, seed=args.seed, repeats=args.repeats,
+            fd_samples=args.fd_samples, time_it=not args.no_time,
+        )
     if args.json:
         json.dump(result, sys.stdout, indent=2)
         sys.stdout.write("\n")
