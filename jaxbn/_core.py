@@ -96,6 +96,22 @@ def _masked_shape(x_shape, stat_axes, mask_shape):
     return tuple(n if i in stat_axes else m for i, (n, m) in enumerate(zip(x_shape, mask_shape)))
 
 
+def _distinct(value: Array, copies: int = 1) -> Any:
+    """``value`` (or a tuple of ``copies`` of it) that XLA cannot tell is ``value``.
+
+    XLA:CPU fuses an elementwise producer such as ``x - mean`` into a reduction
+    only when the reduction is its one user. When the same ``x - mean`` also
+    feeds another reduction or the output pass, common-subexpression
+    elimination merges the copies and XLA writes the centered array to memory
+    and reads it back, one extra pass over ``x`` per user. Passing the small
+    per-feature ``mean`` through an optimization barrier gives each use its own
+    ``x - mean``, which XLA then fuses into that use.
+    """
+    if copies == 1:
+        return lax.optimization_barrier(value)
+    return lax.optimization_barrier((value,) * copies)
+
+
 def _sum_to(value: Array, shape: tuple[int, ...]) -> Array:
     """Sums ``value`` over the axes where ``shape`` has size 1 (keeping dims)."""
     axes = tuple(i for i, n in enumerate(shape) if n == 1 and value.shape[i] != 1)
@@ -113,7 +129,8 @@ def _normalize_fwd(x, gamma, beta, mask, stat_axes, eps, axis_name):
     xf = x.astype(dtype)
     mean, var, count = moments(xf, stat_axes, mask, axis_name)
     inv_std = lax.rsqrt(var + jnp.asarray(eps, dtype))
-    y = (xf - mean) * inv_std * gamma.astype(dtype) + beta.astype(dtype)
+    scale = inv_std * gamma.astype(dtype)  # per statistic group: one multiply per element
+    y = (xf - _distinct(mean)) * scale + beta.astype(dtype)
     if mask is not None:
         y = jnp.where(mask, y, 0)
     return y.astype(x.dtype), (x, mean, inv_std, count, gamma, beta, mask)
@@ -126,13 +143,36 @@ def _normalize_bwd(stat_axes, eps, axis_name, residuals, dy):
     dy = dy.astype(dtype)
     if mask is not None:
         dy = jnp.where(mask, dy, 0)
-    xhat = (x.astype(dtype) - mean) * inv_std
-    dgamma = _sum_to(dy * xhat, gamma.shape)
-    dbeta = _sum_to(dy, beta.shape)
-    dxhat = dy * gamma.astype(dtype)
-    sum_dxhat = _psum(jnp.sum(dxhat, stat_axes, keepdims=True), axis_name)
-    sum_dxhat_xhat = _psum(jnp.sum(dxhat * xhat, stat_axes, keepdims=True), axis_name)
-    dx = inv_std / count * (count * dxhat - sum_dxhat - xhat * sum_dxhat_xhat)
+    mean_sum, mean_dx = _distinct(mean, copies=2)
+    centered = x.astype(dtype) - mean_sum
+    if mask is not None:
+        centered = jnp.where(mask, centered, 0)  # masked entries may hold inf/NaN padding
+    if all(gamma.shape[a] == 1 for a in stat_axes):
+        # gamma is constant over the statistics (batch norm), so the two sums of
+        # the closed form factor through it: sum(dxhat) = gamma * sum(dy) = gamma * dbeta
+        # and sum(dxhat * xhat) = gamma * sum(dy * xhat) = gamma * dgamma. The backward
+        # pass is then two reductions and one elementwise pass with per-feature
+        # coefficients (nothing of x's size is materialized besides dx):
+        #   dx = gamma * inv_std * (dy - dbeta / N - xhat * dgamma / N)
+        sum_dy = jnp.sum(dy, stat_axes, keepdims=True)
+        sum_dy_xhat = jnp.sum(dy * centered, stat_axes, keepdims=True) * inv_std
+        dgamma = _sum_to(sum_dy_xhat, gamma.shape)
+        dbeta = _sum_to(sum_dy, beta.shape)
+        if axis_name is not None:
+            sum_dy, sum_dy_xhat = lax.psum((sum_dy, sum_dy_xhat), axis_name)
+        scale = gamma.astype(dtype) * inv_std
+        dx = scale * (dy - sum_dy / count) - (x.astype(dtype) - mean_dx) * (
+            scale * inv_std * sum_dy_xhat / count
+        )
+    else:
+        # gamma varies over the statistics (layer and group norm): the general form.
+        xhat = centered * inv_std
+        dgamma = _sum_to(dy * xhat, gamma.shape)
+        dbeta = _sum_to(dy, beta.shape)
+        dxhat = dy * gamma.astype(dtype)
+        sum_dxhat = _psum(jnp.sum(dxhat, stat_axes, keepdims=True), axis_name)
+        sum_dxhat_xhat = _psum(jnp.sum(dxhat * xhat, stat_axes, keepdims=True), axis_name)
+        dx = inv_std / count * (count * dxhat - sum_dxhat - xhat * sum_dxhat_xhat)
     if mask is not None:
         dx = jnp.where(mask, dx, 0)
     return dx.astype(x.dtype), dgamma.astype(gamma.dtype), dbeta.astype(beta.dtype), None
