@@ -19,7 +19,19 @@ The backward pass is the closed form of the CS231n derivation::
 substituted with :func:`jax.custom_vjp`. It saves only the input ``x`` (the
 array the caller already holds, in its own dtype), the mean and the inverse
 standard deviation (one value per statistics group) and the mask; ``xhat`` is
-recomputed in the backward pass inside the same fused loop.
+recomputed in the backward pass inside the loops that use it.
+
+Performance (see ``benchmarks/``): batch norm is memory bound, so the cost is
+the number of times arrays of ``x``'s size are read and written. When
+``gamma`` is constant over the statistics (batch norm) the backward pass is
+``dbeta = sum(dy)``, ``dgamma = inv_std * sum(dy * (x - mean))`` and one
+elementwise pass ``dx = a * dy - b * (x - mean) - c`` with per-feature ``a, b,
+c``. Forward + backward is then six loops over ``x``'s size: two reductions
+for the (two-pass, centered) statistics, the output, two reductions for the
+gradient sums, and ``dx``; nothing else of ``x``'s size is written. XLA:CPU
+writes an elementwise value (``x - mean``, a float32 conversion) to memory
+when it has more than one user, so every use gets its own copy of the small
+inputs through an optimization barrier (:func:`_distinct`).
 """
 
 from __future__ import annotations
