@@ -234,7 +234,8 @@ def write_markdown(result, path: Path, plots: dict):
         f"- date: {m['date_utc']}; command: `{result['command']}`",
         f"- machine: {m['cpu']}, {m['cores']} cores, backend {m['backend']} "
         f"({len(m['devices'])} device); 1-min load average at start "
-        f"{m['load_average_1min_at_start']} (other jobs shared the machine: timings are noisy)",
+        f"{m['load_average_1min_at_start']:.1f} (other jobs shared the machine: timings "
+        "are noisy)",
         f"- versions: python {v['python']}, jax {v['jax']}, jaxlib {v['jaxlib']}, "
         f"numpy {v['numpy']}, flax {v['flax']}",
         "- method: forward+backward (`jax.vjp`, output and all three gradients returned) "
@@ -260,14 +261,14 @@ def write_markdown(result, path: Path, plots: dict):
         for name, s in summary.items():
             lines.append(
                 f"| {LABELS[name]} | {s['ratio_to_jaxbn']:.2f} | {s['passes']:.2f} | "
-                f"{s['residual_x']:.2f} | {s['residual_beyond_x']:.2f} | {s['temp_x']:.2f} |"
+                f"{s['residual_x']:.3f} | {s['residual_beyond_x']:.3f} | {s['temp_x']:.2f} |"
             )
         lines.append("")
     if "targets" in result:
         lines += ["## Targets (float32, geometric means)", "", "| target | measured | met |",
                   "|---|---:|---|"]
         for t in result["targets"]:
-            lines.append(f"| {t['target']} | {t['measured']:.2f} | "
+            lines.append(f"| {t['target']} | {t['measured']:.3f} | "
                          f"{'yes' if t['met'] else 'no'} |")
         lines.append("")
     names = list(result["cases"][0]["impls"])
@@ -303,7 +304,7 @@ def write_markdown(result, path: Path, plots: dict):
         for n in names:
             i = c["impls"][n]
             lines.append(f"| {dtype_name} | {_shape_str(c['shape'])} | {LABELS[n]} | "
-                         f"{i['residual_x']:.2f} | {i['residual_beyond_x']:.2f} | "
+                         f"{i['residual_x']:.4f} | {i['residual_beyond_x']:.4f} | "
                          f"{i['temp_x']:.2f} |")
     h = result["numpy_headline"]
     lines += [
@@ -408,27 +409,33 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", action="append", choices=("float32", "bfloat16"),
                         help="repeatable; default: float32 and bfloat16")
     parser.add_argument("--budget", type=float, default=None,
-                        help="seconds of timed calls per shape and dtype (default 6, quick 1)")
+                        help="seconds of timed calls per shape and dtype (default 8, quick 1)")
     parser.add_argument("--no-flax", action="store_true", help="leave Flax out")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="results directory")
+    parser.add_argument("--render", action="store_true",
+                        help="measure nothing: redraw RESULTS.md and the plots from results.json")
     args = parser.parse_args(argv)
+    suffix = "-quick" if args.quick else ""
+    if args.render:
+        result = json.loads((args.out / f"results{suffix}.json").read_text())
+        write_markdown(result, args.out / f"RESULTS{suffix}.md", make_plots(result, args.out, suffix))
+        return 0
 
     from benchmarks.impls import forward_functions
 
     dtypes = args.dtype or ["float32", "bfloat16"]
     shapes = QUICK_SHAPES if args.quick else ND_SHAPES + CONV_SHAPES
-    budget = args.budget if args.budget is not None else (1.0 if args.quick else 6.0)
+    budget = args.budget if args.budget is not None else (1.0 if args.quick else 8.0)
     fns = forward_functions(include_flax=not args.no_flax)
-    suffix = "-quick" if args.quick else ""
     args.out.mkdir(parents=True, exist_ok=True)
 
-    result = {"command": "python -m benchmarks " + " ".join(argv if argv is not None
-                                                             else sys.argv[1:]),
+    result = {"command": ("python -m benchmarks " + " ".join(argv if argv is not None
+                                                              else sys.argv[1:])).strip(),
               "machine": _machine(), "cases": []}
     start = time.perf_counter()
     for dtype_name in dtypes:
         for shape in shapes:
-            case = bench_case(shape, dtype_name, fns, budget, 5, 200)
+            case = bench_case(shape, dtype_name, fns, budget, 7, 300)
             result["cases"].append(case)
             ratios = "  ".join(
                 f"{n} {i['ratio_to_jaxbn']:.2f}x" for n, i in case["impls"].items() if n != "jaxbn"
