@@ -418,7 +418,8 @@ def main(argv=None) -> int:
     suffix = "-quick" if args.quick else ""
     if args.render:
         result = json.loads((args.out / f"results{suffix}.json").read_text())
-        write_markdown(result, args.out / f"RESULTS{suffix}.md", make_plots(result, args.out, suffix))
+        plots = make_plots(result, args.out, suffix)
+        write_markdown(result, args.out / f"RESULTS{suffix}.md", plots)
         return 0
 
     from benchmarks.impls import forward_functions
