@@ -19,7 +19,19 @@ The backward pass is the closed form of the CS231n derivation::
 substituted with :func:`jax.custom_vjp`. It saves only the input ``x`` (the
 array the caller already holds, in its own dtype), the mean and the inverse
 standard deviation (one value per statistics group) and the mask; ``xhat`` is
-recomputed in the backward pass inside the same fused loop.
+recomputed in the backward pass inside the loops that use it.
+
+Performance (see ``benchmarks/``): batch norm is memory bound, so the cost is
+the number of times arrays of ``x``'s size are read and written. When
+``gamma`` is constant over the statistics (batch norm) the backward pass is
+``dbeta = sum(dy)``, ``dgamma = inv_std * sum(dy * (x - mean))`` and one
+elementwise pass ``dx = a * dy - b * (x - mean) - c`` with per-feature ``a, b,
+c``. Forward + backward is then six loops over ``x``'s size: two reductions
+for the (two-pass, centered) statistics, the output, two reductions for the
+gradient sums, and ``dx``; nothing else of ``x``'s size is written. XLA:CPU
+writes an elementwise value (``x - mean``, a float32 conversion) to memory
+when it has more than one user, so every use gets its own copy of the small
+inputs through an optimization barrier (:func:`_distinct`).
 """
 
 from __future__ import annotations
@@ -56,7 +68,7 @@ def moments(
     """Mean and biased variance of ``x`` over ``stat_axes`` (two-pass, centered).
 
     Args:
-      x: input in its compute dtype.
+      x: input; 16-bit floats are reduced in float32 (:func:`compute_dtype`).
       stat_axes: non-negative axes to reduce over.
       mask: ``None`` or a boolean array of ``x``'s rank, broadcastable to it;
         ``False`` entries are left out of the statistics.
@@ -66,18 +78,22 @@ def moments(
       ``(mean, var, count)``, each with ``x``'s rank and size 1 on ``stat_axes``.
       ``count`` is the global number of entries reduced over, clamped to at
       least 1 so an all-masked group gives mean 0 and variance 0 (not NaN).
+      All three are in the compute dtype.
     """
+    dtype = compute_dtype(x.dtype)
     if mask is None:
+        x_sum, x_sq = _converted_copies(x, 2, dtype)
         local_count = 1
         for a in stat_axes:
             local_count *= x.shape[a]
-        count = jnp.full((1,) * x.ndim, _psum(local_count, axis_name), x.dtype)
-        sum_x = _psum(jnp.sum(x, stat_axes, keepdims=True), axis_name)
+        count = jnp.full((1,) * x.ndim, _psum(local_count, axis_name), dtype)
+        sum_x = _psum(jnp.sum(x_sum, stat_axes, keepdims=True), axis_name)
         mean = sum_x / count
-        centered = x - mean
+        centered = x_sq - mean
         sum_sq = _psum(jnp.sum(centered * centered, stat_axes, keepdims=True), axis_name)
     else:
-        weight = mask.astype(x.dtype)
+        x = x.astype(dtype)
+        weight = mask.astype(dtype)
         count = _psum(
             jnp.sum(jnp.broadcast_to(weight, _masked_shape(x.shape, stat_axes, mask.shape)),
                     stat_axes, keepdims=True),
@@ -97,6 +113,35 @@ def _masked_shape(x_shape, stat_axes, mask_shape):
     return tuple(n if i in stat_axes else m for i, (n, m) in enumerate(zip(x_shape, mask_shape)))
 
 
+def _distinct(value: Array, copies: int = 1) -> Any:
+    """``value`` (or a tuple of ``copies`` of it) that XLA cannot tell is ``value``.
+
+    XLA:CPU fuses an elementwise producer such as ``x - mean`` into a reduction
+    only when the reduction is its one user. When the same ``x - mean`` also
+    feeds another reduction or the output pass, common-subexpression
+    elimination merges the copies and XLA writes the centered array to memory
+    and reads it back, one extra pass over ``x`` per user. Passing the small
+    per-feature ``mean`` through an optimization barrier gives each use its own
+    ``x - mean``, which XLA then fuses into that use.
+    """
+    if copies == 1:
+        return lax.optimization_barrier(value)
+    # Note: XLA merges identical barriers, so two calls with the same value
+    # and count give the same copies; callers barrier distinct tuples.
+    return lax.optimization_barrier((value,) * copies)
+
+
+def _converted_copies(x: Array, uses: int, dtype: Any) -> tuple[Array, ...]:
+    """``uses`` copies of ``x`` in ``dtype``, each with its own conversion (see :func:`_distinct`).
+
+    A bfloat16 ``x`` read by several reductions would otherwise be converted
+    to float32 once and the float32 copy written to memory for all of them.
+    """
+    if x.dtype == dtype:
+        return (x,) * uses
+    return tuple(c.astype(dtype) for c in _distinct(x, uses))
+
+
 def _sum_to(value: Array, shape: tuple[int, ...]) -> Array:
     """Sums ``value`` over the axes where ``shape`` has size 1 (keeping dims)."""
     axes = tuple(i for i, n in enumerate(shape) if n == 1 and value.shape[i] != 1)
@@ -111,10 +156,10 @@ def _normalize(x, gamma, beta, mask, stat_axes, eps, axis_name):
 
 def _normalize_fwd(x, gamma, beta, mask, stat_axes, eps, axis_name):
     dtype = compute_dtype(x.dtype)
-    xf = x.astype(dtype)
-    mean, var, count = moments(xf, stat_axes, mask, axis_name)
+    mean, var, count = moments(x, stat_axes, mask, axis_name)
     inv_std = lax.rsqrt(var + jnp.asarray(eps, dtype))
-    y = (xf - mean) * inv_std * gamma.astype(dtype) + beta.astype(dtype)
+    scale = inv_std * gamma.astype(dtype)  # per statistic group: one multiply per element
+    y = (x.astype(dtype) - _distinct(mean)) * scale + beta.astype(dtype)
     if mask is not None:
         y = jnp.where(mask, y, 0)
     return y.astype(x.dtype), (x, mean, inv_std, count, gamma, beta, mask)
@@ -124,18 +169,45 @@ def _normalize_bwd(stat_axes, eps, axis_name, residuals, dy):
     del eps
     x, mean, inv_std, count, gamma, beta, mask = residuals
     dtype = compute_dtype(x.dtype)
-    dy = dy.astype(dtype)
+    # Each array-sized use gets its own handle on dy, x and mean, so that XLA fuses
+    # the conversion and centering into that use (see _distinct). One barrier
+    # for all of them: two identical barriers would be merged again by XLA.
+    dy_sum, dy_dot, dy, x_dot, x_dx, mean_sum, mean_dx = lax.optimization_barrier(
+        (dy, dy, dy, x, x, mean, mean)
+    )
+    dy_sum, dy_dot, dy = (d.astype(dtype) for d in (dy_sum, dy_dot, dy))
+    x_dot, x_dx = x_dot.astype(dtype), x_dx.astype(dtype)
     if mask is not None:
-        dy = jnp.where(mask, dy, 0)
-    xhat = (x.astype(dtype) - mean) * inv_std
+        dy_sum, dy_dot, dy = (jnp.where(mask, d, 0) for d in (dy_sum, dy_dot, dy))
+    centered = x_dot - mean_sum
     if mask is not None:
-        xhat = jnp.where(mask, xhat, 0)  # masked entries may hold inf/NaN padding
-    dgamma = _sum_to(dy * xhat, gamma.shape)
-    dbeta = _sum_to(dy, beta.shape)
-    dxhat = dy * gamma.astype(dtype)
-    sum_dxhat = _psum(jnp.sum(dxhat, stat_axes, keepdims=True), axis_name)
-    sum_dxhat_xhat = _psum(jnp.sum(dxhat * xhat, stat_axes, keepdims=True), axis_name)
-    dx = inv_std / count * (count * dxhat - sum_dxhat - xhat * sum_dxhat_xhat)
+        centered = jnp.where(mask, centered, 0)  # masked entries may hold inf/NaN padding
+    if all(gamma.shape[a] == 1 for a in stat_axes):
+        # gamma is constant over the statistics (batch norm), so the two sums of
+        # the closed form factor through it: sum(dxhat) = gamma * sum(dy) = gamma * dbeta
+        # and sum(dxhat * xhat) = gamma * sum(dy * xhat) = gamma * dgamma. The backward
+        # pass is then two reductions and one elementwise pass with per-feature
+        # coefficients (nothing of x's size is materialized besides dx):
+        #   dx = gamma * inv_std * (dy - dbeta / N - xhat * dgamma / N)
+        sum_dy = jnp.sum(dy_sum, stat_axes, keepdims=True)
+        sum_dy_xhat = jnp.sum(dy_dot * centered, stat_axes, keepdims=True) * inv_std
+        dgamma = _sum_to(sum_dy_xhat, gamma.shape)
+        dbeta = _sum_to(sum_dy, beta.shape)
+        if axis_name is not None:
+            sum_dy, sum_dy_xhat = lax.psum((sum_dy, sum_dy_xhat), axis_name)
+        scale = gamma.astype(dtype) * inv_std
+        dx = scale * (dy - sum_dy / count) - (x_dx - mean_dx) * (
+            scale * inv_std * sum_dy_xhat / count
+        )
+    else:
+        # gamma varies over the statistics (layer and group norm): the general form.
+        xhat = centered * inv_std
+        dgamma = _sum_to(dy * xhat, gamma.shape)
+        dbeta = _sum_to(dy, beta.shape)
+        dxhat = dy * gamma.astype(dtype)
+        sum_dxhat = _psum(jnp.sum(dxhat, stat_axes, keepdims=True), axis_name)
+        sum_dxhat_xhat = _psum(jnp.sum(dxhat * xhat, stat_axes, keepdims=True), axis_name)
+        dx = inv_std / count * (count * dxhat - sum_dxhat - xhat * sum_dxhat_xhat)
     if mask is not None:
         dx = jnp.where(mask, dx, 0)
     return dx.astype(x.dtype), dgamma.astype(gamma.dtype), dbeta.astype(beta.dtype), None

@@ -152,8 +152,7 @@ def batch_norm_train(
     y = _core.normalize(
         x, gamma, beta, stat_axes=stat_axes, eps=eps, axis_name=axis_name, mask=mask
     )
-    xf = lax.stop_gradient(x).astype(_core.compute_dtype(x.dtype))
-    mean, var, count = _core.moments(xf, stat_axes, mask, axis_name)
+    mean, var, count = _core.moments(lax.stop_gradient(x), stat_axes, mask, axis_name)
     new_mean = momentum * running_mean + (1 - momentum) * mean.astype(running_mean.dtype)
     new_var = momentum * running_var + (1 - momentum) * var.astype(running_var.dtype)
     if mask is not None:

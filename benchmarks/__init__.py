@@ -1,0 +1,1 @@
+"""Speed and memory benchmarks for jaxbn: ``python -m benchmarks [--quick]``."""

@@ -1,0 +1,467 @@
+"""``python -m benchmarks``: speed and memory of jaxbn vs the other batch norms.
+
+In one process, for each shape and dtype, after compiling and warming up,
+the forward+backward steps of every implementation (and the elementwise
+bandwidth reference) are called round-robin, the first one rotating each
+round; each gets the median of its calls. Every number reported is a ratio
+to jaxbn (or to the bandwidth reference) measured in the same round-robin.
+
+Writes ``benchmarks/results/``: ``results.json``, ``RESULTS.md`` and two plots
+(``--quick`` writes ``*-quick`` files instead, leaving the full results alone).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+ND_SHAPES = [
+    (64, 64), (256, 256), (256, 1024), (1024, 1024), (4096, 1024), (16384, 1024),
+    (65536, 1024),
+]
+CONV_SHAPES = [(32, 56, 56, 64), (64, 28, 28, 128), (64, 14, 14, 256), (64, 7, 7, 512)]
+QUICK_SHAPES = [(64, 64), (256, 1024), (4096, 1024), (32, 28, 28, 64)]
+
+
+def _machine() -> dict:
+    cpu = platform.processor() or "unknown"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    import jax
+    import jaxlib
+
+    versions = {"python": platform.python_version(), "jax": jax.__version__,
+                "jaxlib": jaxlib.__version__, "numpy": np.__version__}
+    try:
+        import flax
+
+        versions["flax"] = flax.__version__
+    except ImportError:
+        versions["flax"] = None
+    try:
+        load = os.getloadavg()[0]
+    except OSError:
+        load = None
+    return {
+        "cpu": cpu, "cores": os.cpu_count(), "backend": jax.default_backend(),
+        "devices": [str(d) for d in jax.devices()], "versions": versions,
+        "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "load_average_1min_at_start": load, "platform": platform.platform(),
+    }
+
+
+def _inputs(shape, dtype, seed=0):
+    import jax.numpy as jnp
+
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal(shape, np.float32) * 2 + 0.5
+    dy = rng.standard_normal(shape, np.float32)
+    gamma = 1 + 0.1 * rng.standard_normal(shape[-1], np.float32)
+    beta = rng.standard_normal(shape[-1], np.float32)
+    return tuple(jnp.asarray(a, dtype) for a in (x, gamma, beta, dy))
+
+
+def _interleaved(calls: dict, args, budget_s: float, min_repeats: int, max_repeats: int):
+    """Median seconds per call, round-robin with a rotating first caller."""
+    import jax
+
+    estimate = 0.0
+    for fn in calls.values():  # warm-up (compilation happened before)
+        jax.block_until_ready(fn(*args))
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        estimate += time.perf_counter() - start
+    repeats = int(min(max_repeats, max(min_repeats, budget_s / max(estimate, 1e-9))))
+    names = list(calls)
+    samples = {n: [] for n in names}
+    for r in range(repeats):
+        k = r % len(names)
+        for name in names[k:] + names[:k]:
+            start = time.perf_counter()
+            jax.block_until_ready(calls[name](*args))
+            samples[name].append(time.perf_counter() - start)
+    return {n: statistics.median(s) for n, s in samples.items()}, repeats
+
+
+def bench_case(shape, dtype_name, fns, budget_s, min_repeats, max_repeats):
+    import jax
+    import jax.numpy as jnp
+
+    from benchmarks import impls
+
+    dtype = jnp.dtype(dtype_name)
+    x, gamma, beta, dy = _inputs(shape, dtype)
+    calls, memory = {}, {}
+    for name, apply in fns.items():
+        compiled = jax.jit(impls.fwd_bwd(apply)).lower(x, gamma, beta, dy).compile()
+        calls[name] = compiled
+        analysis = compiled.memory_analysis()
+        total, beyond_x = impls.residual_bytes(apply, x, gamma, beta)
+        memory[name] = {
+            "residual_bytes": total,
+            "residual_bytes_beyond_x": beyond_x,
+            "temp_bytes": None if analysis is None else int(analysis.temp_size_in_bytes),
+        }
+    calls["pass"] = jax.jit(impls.elementwise_pass).lower(x, gamma, beta, dy).compile()
+    medians, repeats = _interleaved(
+        calls, (x, gamma, beta, dy), budget_s, min_repeats, max_repeats
+    )
+    base, one_pass = medians["jaxbn"], medians["pass"]
+    x_bytes = x.size * dtype.itemsize
+    out = {"shape": list(shape), "dtype": dtype_name, "elements": int(x.size),
+           "repeats": repeats, "pass_s": one_pass, "impls": {}}
+    for name in fns:
+        t = medians[name]
+        out["impls"][name] = {
+            "median_s": t,
+            "ratio_to_jaxbn": t / base,
+            "passes": t / one_pass,
+            "residual_x": memory[name]["residual_bytes"] / x_bytes,
+            "residual_beyond_x": memory[name]["residual_bytes_beyond_x"] / x_bytes,
+            "temp_x": None if memory[name]["temp_bytes"] is None
+            else memory[name]["temp_bytes"] / x_bytes,
+            **memory[name],
+        }
+    return out
+
+
+def numpy_headline(shape=(100, 500), repeats=200, seed=0):
+    """The seed's printout in NumPy: CS231n staged backward vs the closed form (float64)."""
+    rng = np.random.default_rng(seed)
+    n, d = shape
+    x = 5 * rng.standard_normal(shape) + 12
+    gamma, beta, dout = rng.standard_normal(d), rng.standard_normal(d), rng.standard_normal(shape)
+    eps = 1e-5
+    mu = x.mean(0)
+    xmu = x - mu
+    var = (xmu**2).mean(0)
+    sqrtvar = np.sqrt(var + eps)
+    ivar = 1 / sqrtvar
+    xhat = xmu * ivar
+    del beta
+
+    def staged():
+        dbeta = np.sum(dout, axis=0)
+        dgamma = np.sum(dout * xhat, axis=0)
+        dxhat = dout * gamma
+        divar = np.sum(dxhat * xmu, axis=0)
+        dxmu1 = dxhat * ivar
+        dsqrtvar = -1.0 / (sqrtvar**2) * divar
+        dvar = 0.5 * 1.0 / np.sqrt(var + eps) * dsqrtvar
+        dsq = 1.0 / n * np.ones((n, d)) * dvar
+        dxmu2 = 2 * xmu * dsq
+        dx1 = dxmu1 + dxmu2
+        dmu = -1 * np.sum(dxmu1 + dxmu2, axis=0)
+        dx2 = 1.0 / n * np.ones((n, d)) * dmu
+        return dx1 + dx2, dgamma, dbeta
+
+    def closed():
+        dbeta = dout.sum(0)
+        dgamma = (dout * xhat).sum(0)
+        dxhat = dout * gamma
+        dx = ivar / n * (n * dxhat - dxhat.sum(0) - xhat * (dxhat * xhat).sum(0))
+        return dx, dgamma, dbeta
+
+    a, b = staged(), closed()
+    times = {"staged": [], "closed": []}
+    for r in range(repeats):
+        for name, fn in ((("staged", staged), ("closed", closed))[:: 1 if r % 2 else -1]):
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    return {
+        "shape": list(shape),
+        "dx_difference": float(np.max(np.abs(a[0] - b[0]))),
+        "dgamma_difference": float(np.max(np.abs(a[1] - b[1]))),
+        "dbeta_difference": float(np.max(np.abs(a[2] - b[2]))),
+        "staged_s": med["staged"], "closed_s": med["closed"],
+        "speedup": med["staged"] / med["closed"],
+    }
+
+
+def geomean(values):
+    values = [v for v in values if v is not None and v > 0]
+    return math.exp(sum(map(math.log, values)) / len(values)) if values else float("nan")
+
+
+def summarize(cases, dtype_name):
+    rows = [c for c in cases if c["dtype"] == dtype_name]
+    names = list(rows[0]["impls"]) if rows else []
+    return {
+        name: {
+            "ratio_to_jaxbn": geomean(c["impls"][name]["ratio_to_jaxbn"] for c in rows),
+            "passes": geomean(c["impls"][name]["passes"] for c in rows),
+            "residual_x": geomean(c["impls"][name]["residual_x"] for c in rows),
+            "residual_beyond_x": geomean(
+                max(c["impls"][name]["residual_beyond_x"], 1e-12) for c in rows),
+            "temp_x": geomean(c["impls"][name]["temp_x"] for c in rows),
+        }
+        for name in names
+    }
+
+
+def _shape_str(shape):
+    return "x".join(map(str, shape))
+
+
+def write_markdown(result, path: Path, plots: dict):
+    from benchmarks.impls import LABELS
+
+    m = result["machine"]
+    v = m["versions"]
+    lines = [
+        "# jaxbn benchmark results",
+        "",
+        f"- date: {m['date_utc']}; command: `{result['command']}`",
+        f"- machine: {m['cpu']}, {m['cores']} cores, backend {m['backend']} "
+        f"({len(m['devices'])} device); 1-min load average at start "
+        f"{m['load_average_1min_at_start']:.1f} (other jobs shared the machine: timings "
+        "are noisy)",
+        f"- versions: python {v['python']}, jax {v['jax']}, jaxlib {v['jaxlib']}, "
+        f"numpy {v['numpy']}, flax {v['flax']}",
+        "- method: forward+backward (`jax.vjp`, output and all three gradients returned) "
+        "under `jax.jit`, compiled and warmed up, then all implementations and the "
+        "bandwidth reference called round-robin (rotating who goes first), median per "
+        "implementation; every ratio is against jaxbn measured in the same round-robin.",
+        "- *passes*: time / time of one fused elementwise pass `a*b + a` over arrays of "
+        "the input's shape and dtype (reads two, writes one). *residuals*: bytes the VJP "
+        "closure keeps for the backward pass / bytes of x (jaxbn's 1.0x is x itself, "
+        "which the caller holds anyway). *temp*: XLA's compiled temp buffer "
+        "(`memory_analysis().temp_size_in_bytes`) / bytes of x.",
+        "",
+    ]
+    for dtype_name, summary in result["summary"].items():
+        lines += [
+            f"## Summary, {dtype_name} (geometric mean over {result['counts'][dtype_name]} "
+            "shapes)",
+            "",
+            "| implementation | time / jaxbn | elementwise passes | residuals / x | "
+            "residuals beyond x / x | temp / x |",
+            "|---|---:|---:|---:|---:|---:|",
+        ]
+        for name, s in summary.items():
+            lines.append(
+                f"| {LABELS[name]} | {s['ratio_to_jaxbn']:.2f} | {s['passes']:.2f} | "
+                f"{s['residual_x']:.3f} | {s['residual_beyond_x']:.3f} | {s['temp_x']:.2f} |"
+            )
+        lines.append("")
+    if "targets" in result:
+        lines += ["## Targets (float32, geometric means)", "", "| target | measured | met |",
+                  "|---|---:|---|"]
+        for t in result["targets"]:
+            lines.append(f"| {t['target']} | {t['measured']:.3f} | "
+                         f"{'yes' if t['met'] else 'no'} |")
+        lines.append("")
+    names = list(result["cases"][0]["impls"])
+    for dtype_name in result["summary"]:
+        lines += [
+            f"## Per shape, {dtype_name}",
+            "",
+            "| shape | elements | jaxbn ms | jaxbn passes | "
+            + " | ".join(f"{n} / jaxbn" for n in names if n != "jaxbn")
+            + " | repeats |",
+            "|---|---:|---:|---:|" + "---:|" * (len(names) - 1) + "---:|",
+        ]
+        for c in result["cases"]:
+            if c["dtype"] != dtype_name:
+                continue
+            j = c["impls"]["jaxbn"]
+            lines.append(
+                f"| {_shape_str(c['shape'])} | {c['elements']} | {j['median_s'] * 1e3:.3f} | "
+                f"{j['passes']:.2f} | "
+                + " | ".join(f"{c['impls'][n]['ratio_to_jaxbn']:.2f}" for n in names
+                             if n != "jaxbn")
+                + f" | {c['repeats']} |"
+            )
+        lines.append("")
+    lines += [
+        "## Memory per implementation (largest shape of each dtype)", "",
+        "| dtype | shape | implementation | residuals / x | residuals beyond x / x | "
+        "temp / x |", "|---|---|---|---:|---:|---:|",
+    ]
+    for dtype_name in result["summary"]:
+        rows = [c for c in result["cases"] if c["dtype"] == dtype_name]
+        c = max(rows, key=lambda c: c["elements"])
+        for n in names:
+            i = c["impls"][n]
+            lines.append(f"| {dtype_name} | {_shape_str(c['shape'])} | {LABELS[n]} | "
+                         f"{i['residual_x']:.4f} | {i['residual_beyond_x']:.4f} | "
+                         f"{i['temp_x']:.2f} |")
+    h = result["numpy_headline"]
+    lines += [
+        "",
+        "## The seed's headline in NumPy (float64, CS231n staged vs closed-form backward)",
+        "",
+        f"shape {_shape_str(h['shape'])}: dx difference: {h['dx_difference']:.1e}, "
+        f"dgamma difference: {h['dgamma_difference']:.1e}, dbeta difference: "
+        f"{h['dbeta_difference']:.1e}, speedup: {h['speedup']:.2f}x "
+        f"(staged {h['staged_s'] * 1e6:.0f} us, closed form {h['closed_s'] * 1e6:.0f} us; "
+        "the seed blog saw 2.99x)",
+        "",
+        "## Plots",
+        "",
+    ]
+    for title, file in plots.items():
+        lines.append(f"![{title}]({file})")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def make_plots(result, out_dir: Path, suffix: str) -> dict:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return {}
+    from benchmarks.impls import LABELS
+
+    dtypes = list(result["summary"])
+    names = list(result["cases"][0]["impls"])
+    fig, axes = plt.subplots(1, len(dtypes), figsize=(6 * len(dtypes), 4.5), squeeze=False)
+    for ax, dtype_name in zip(axes[0], dtypes):
+        rows = sorted((c for c in result["cases"] if c["dtype"] == dtype_name),
+                      key=lambda c: c["elements"])
+        xs = [c["elements"] for c in rows]
+        for n in names:
+            ax.plot(xs, [c["impls"][n]["median_s"] * 1e3 for c in rows], "o-", label=LABELS[n])
+        ax.plot(xs, [c["pass_s"] * 1e3 for c in rows], "k--", label="one elementwise pass")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("elements in x")
+        ax.set_ylabel("forward+backward time (ms)")
+        ax.set_title(f"{dtype_name}, {result['machine']['cores']}-core CPU")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    time_file = f"time_vs_size{suffix}.png"
+    fig.savefig(out_dir / time_file, dpi=110)
+    plt.close(fig)
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    width = 0.8 / len(dtypes)
+    for k, dtype_name in enumerate(dtypes):
+        s = result["summary"][dtype_name]
+        pos = np.arange(len(names)) + (k - (len(dtypes) - 1) / 2) * width
+        axes[0].bar(pos, [s[n]["ratio_to_jaxbn"] for n in names], width, label=dtype_name)
+        axes[1].bar(pos, [s[n]["passes"] for n in names], width, label=dtype_name)
+    for ax, ylabel in zip(axes, ("time / jaxbn time (geomean)", "elementwise passes (geomean)")):
+        ax.set_xticks(np.arange(len(names)))
+        ax.set_xticklabels([n for n in names], rotation=0)
+        ax.set_ylabel(ylabel)
+        ax.grid(True, axis="y", alpha=0.3)
+        ax.legend()
+    axes[0].axhline(1.0, color="k", lw=0.8)
+    fig.tight_layout()
+    ratio_file = f"ratios{suffix}.png"
+    fig.savefig(out_dir / ratio_file, dpi=110)
+    plt.close(fig)
+    return {"time vs size": time_file, "ratios": ratio_file}
+
+
+def targets(summary) -> list:
+    s = summary.get("float32")
+    if not s:
+        return []
+    out = []
+    if "autodiff" in s:
+        r = s["autodiff"]["ratio_to_jaxbn"]
+        out.append({"target": ">= 3x faster than autodiff of the naive forward",
+                    "measured": r, "met": r >= 3})
+    if "flax" in s:
+        r = s["flax"]["ratio_to_jaxbn"]
+        out.append({"target": ">= 1.5x faster than Flax BatchNorm", "measured": r,
+                    "met": r >= 1.5})
+    p = s["jaxbn"]["passes"]
+    out.append({"target": "<= 3.0 elementwise passes", "measured": p, "met": p <= 3.0})
+    m = s["jaxbn"]["residual_x"]
+    out.append({"target": "residual memory <= 1.0x the input", "measured": m,
+                "met": m <= 1.0 + 1e-9})
+    return out
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks",
+        description="Speed and memory of jaxbn vs staged, autodiff and Flax batch norm.",
+    )
+    parser.add_argument("--quick", action="store_true",
+                        help="a few shapes and a short time budget (smoke test, ~1 minute)")
+    parser.add_argument("--dtype", action="append", choices=("float32", "bfloat16"),
+                        help="repeatable; default: float32 and bfloat16")
+    parser.add_argument("--budget", type=float, default=None,
+                        help="seconds of timed calls per shape and dtype (default 8, quick 1)")
+    parser.add_argument("--no-flax", action="store_true", help="leave Flax out")
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="results directory")
+    parser.add_argument("--render", action="store_true",
+                        help="measure nothing: redraw RESULTS.md and the plots from results.json")
+    args = parser.parse_args(argv)
+    suffix = "-quick" if args.quick else ""
+    if args.render:
+        result = json.loads((args.out / f"results{suffix}.json").read_text())
+        plots = make_plots(result, args.out, suffix)
+        write_markdown(result, args.out / f"RESULTS{suffix}.md", plots)
+        return 0
+
+    from benchmarks.impls import forward_functions
+
+    dtypes = args.dtype or ["float32", "bfloat16"]
+    shapes = QUICK_SHAPES if args.quick else ND_SHAPES + CONV_SHAPES
+    budget = args.budget if args.budget is not None else (1.0 if args.quick else 8.0)
+    fns = forward_functions(include_flax=not args.no_flax)
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    result = {"command": ("python -m benchmarks " + " ".join(argv if argv is not None
+                                                              else sys.argv[1:])).strip(),
+              "machine": _machine(), "cases": []}
+    start = time.perf_counter()
+    for dtype_name in dtypes:
+        for shape in shapes:
+            case = bench_case(shape, dtype_name, fns, budget, 7, 300)
+            result["cases"].append(case)
+            ratios = "  ".join(
+                f"{n} {i['ratio_to_jaxbn']:.2f}x" for n, i in case["impls"].items() if n != "jaxbn"
+            )
+            j = case["impls"]["jaxbn"]
+            print(f"{dtype_name:9s} {_shape_str(shape):>14s}  jaxbn {j['median_s'] * 1e3:9.3f} ms"
+                  f" = {j['passes']:5.2f} passes  | {ratios}  (n={case['repeats']})",
+                  flush=True)
+    result["summary"] = {d: summarize(result["cases"], d) for d in dtypes}
+    result["counts"] = {d: sum(c["dtype"] == d for c in result["cases"]) for d in dtypes}
+    result["targets"] = targets(result["summary"])
+    result["numpy_headline"] = numpy_headline()
+    result["elapsed_s"] = time.perf_counter() - start
+    plots = make_plots(result, args.out, suffix)
+    (args.out / f"results{suffix}.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_markdown(result, args.out / f"RESULTS{suffix}.md", plots)
+    h = result["numpy_headline"]
+    print(f"numpy {_shape_str(h['shape'])}: dx difference: {h['dx_difference']:.1e}, "
+          f"dgamma difference: {h['dgamma_difference']:.1e}, dbeta difference: "
+          f"{h['dbeta_difference']:.1e}, speedup: {h['speedup']:.2f}x")
+    for d, s in result["summary"].items():
+        print(f"geomean {d}: " + "  ".join(
+            f"{n}: {v['ratio_to_jaxbn']:.2f}x time, {v['passes']:.2f} passes, "
+            f"residuals {v['residual_x']:.2f}x" for n, v in s.items()))
+    for t in result["targets"]:
+        print(f"target {t['target']}: {t['measured']:.2f} -> {'met' if t['met'] else 'NOT met'}")
+    print(f"wrote {args.out}/RESULTS{suffix}.md in {result['elapsed_s']:.0f} s")
+    return 0
