@@ -274,7 +274,11 @@ def canonicalize_axes(axis: int | Sequence[int], ndim: int) -> tuple[int, ...]:
     out = []
     for a in axes:
         if not isinstance(a, numbers.Integral) or isinstance(a, bool):
-            raise TypeError(f"Expected axis to be an int or a tuple of ints, got {axis!r}.")
+            raise TypeError(
+                f"Expected axis to be an int or a tuple of ints, got {axis!r}. It selects "
+                "the feature axes, so under jax.jit mark it static, e.g. "
+                "jax.jit(f, static_argnames=('axis', 'eps'))."
+            )
         a = int(a)
         if not -ndim <= a < ndim:
             raise ValueError(

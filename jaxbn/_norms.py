@@ -25,18 +25,32 @@ Array = jax.Array
 Params = BatchNormParams | Mapping[str, Array]
 
 
-def _check_reduced_size(x: Array, stat_axes: tuple[int, ...], axis_name: AxisName, what: str):
+def _values_per_statistic(x: Array, stat_axes: tuple[int, ...], axis_name: AxisName) -> int:
+    """How many values each statistic is taken over, across the mapped ``axis_name`` too."""
     size = 1
     for a in stat_axes:
         size *= x.shape[a]
-    if size == 1 and axis_name is None:
-        raise ValueError(
-            f"{what} needs more than one value per statistic, but x of shape {x.shape} has "
-            f"a single value on the axes {stat_axes} that statistics are taken over "
-            "(a batch of one in training mode has nothing to normalize over). Use a larger "
-            "batch, batch_norm_eval with running statistics, or axis_name to share "
-            "statistics across a mapped axis."
-        )
+    if axis_name is not None:
+        size *= lax.psum(1, axis_name)  # the mapped axis size, a Python int at trace time
+    return size
+
+
+def check_batch(x: Array, stat_axes: tuple[int, ...], axis_name: AxisName, what: str) -> None:
+    """ValueError when training-mode batch statistics would be over a single value."""
+    if _values_per_statistic(x, stat_axes, axis_name) > 1:
+        return
+    if not stat_axes and axis_name is None:
+        where = "x has no axis besides the feature axes to take statistics over"
+    else:
+        mapped = "" if axis_name is None else f" (mapped axis {axis_name!r} included)"
+        where = f"the batch holds a single value per feature{mapped}"
+    raise ValueError(
+        f"{what} in training mode needs a batch to compute statistics over, but for x of "
+        f"shape {x.shape} {where}: a batch of one has nothing to normalize over. Expected "
+        "x of shape (N, ..., C) with N > 1 (or spatial axes). Use a larger batch, "
+        "batch_norm_eval with running statistics, or axis_name to share statistics "
+        "across a mapped axis."
+    )
 
 
 def _checked(params, x, eps):
@@ -101,7 +115,7 @@ def batch_norm(
       True
     """
     x, gamma, beta, stat_axes, eps, mask, _ = _batch_norm_layout(params, x, axis, eps, mask)
-    _check_reduced_size(x, stat_axes, axis_name, "batch_norm")
+    check_batch(x, stat_axes, axis_name, "batch_norm")
     return _core.normalize(
         x, gamma, beta, stat_axes=stat_axes, eps=eps, axis_name=axis_name, mask=mask
     )
@@ -133,17 +147,18 @@ def batch_norm_train(
       params: as in :func:`batch_norm`.
       stats: :class:`RunningStats` with the feature shape.
       x, axis, eps, axis_name, mask: as in :func:`batch_norm`.
-      momentum: in ``[0, 1]``; the weight of the old running value.
+      momentum: in ``[0, 1]``; the weight of the old running value. May be a
+        traced value (e.g. a schedule under ``jit``); then it is not range-checked.
 
     Returns:
       ``(y, new_stats)``.
     """
-    if not 0.0 <= momentum <= 1.0:
+    if isinstance(momentum, (int, float)) and not 0.0 <= momentum <= 1.0:
         raise ValueError(f"Expected momentum in [0, 1], got {momentum!r}.")
     x, gamma, beta, stat_axes, eps, mask, feature_axes = _batch_norm_layout(
         params, x, axis, eps, mask
     )
-    _check_reduced_size(x, stat_axes, axis_name, "batch_norm_train")
+    check_batch(x, stat_axes, axis_name, "batch_norm_train")
     if not isinstance(stats, RunningStats):
         raise TypeError(f"Expected stats to be jaxbn.RunningStats, got {type(stats).__name__}.")
     running_mean, running_var = per_feature(
@@ -216,7 +231,12 @@ def layer_norm(
     params, x, eps = _checked(params, x, eps)
     feature_axes, _, shape = feature_layout(x, axis)
     gamma, beta = per_feature(params, ("gamma", "beta"), x, feature_axes, shape, "params")
-    _check_reduced_size(x, feature_axes, None, "layer_norm")
+    if _values_per_statistic(x, feature_axes, None) == 1:
+        raise ValueError(
+            f"layer_norm normalizes each example over its feature axes {feature_axes}, but "
+            f"for x of shape {x.shape} they hold a single value, so every output would be "
+            "beta. Expected feature axes with more than one value in all."
+        )
     return _core.normalize(x, gamma, beta, stat_axes=feature_axes, eps=eps)
 
 
@@ -251,7 +271,12 @@ def group_norm(params: Params, x: Array, num_groups: int, *, eps: float = 1e-5) 
     grouped = x.reshape(x.shape[:-1] + (num_groups, channels // num_groups))
     param_shape = (1,) * (x.ndim - 1) + (num_groups, channels // num_groups)
     stat_axes = tuple(range(1, x.ndim - 1)) + (x.ndim,)
-    _check_reduced_size(grouped, stat_axes, None, "group_norm")
+    if _values_per_statistic(grouped, stat_axes, None) == 1:
+        raise ValueError(
+            f"group_norm with num_groups={num_groups} for x of shape {x.shape} normalizes "
+            "groups of a single value (one channel, no spatial axes), so every output "
+            "would be beta. Use fewer groups or an input with spatial axes."
+        )
     y = _core.normalize(
         grouped, gamma.reshape(param_shape), beta.reshape(param_shape),
         stat_axes=stat_axes, eps=eps,

@@ -78,9 +78,17 @@ def check_input(x: Any, name: str = "x") -> Array:
     return x
 
 
+STATIC_HINT = (
+    "It configures the computation, so it must be a concrete Python value; under "
+    "jax.jit, mark it static, e.g. jax.jit(f, static_argnames=('axis', 'eps'))."
+)
+
+
 def check_eps(eps: float) -> float:
     if not isinstance(eps, (int, float, np.floating)) or not eps >= 0:
-        raise ValueError(f"Expected eps to be a non-negative Python number, got {eps!r}.")
+        raise ValueError(
+            f"Expected eps to be a non-negative Python number, got {eps!r}. {STATIC_HINT}"
+        )
     return float(eps)
 
 
@@ -100,6 +108,13 @@ def feature_layout(
     return feature_axes, other_axes, shape
 
 
+def _axes_text(feature_axes: tuple[int, ...]) -> str:
+    """'feature axis 1' or 'feature axes (2, 3)', for error messages."""
+    if len(feature_axes) == 1:
+        return f"feature axis {feature_axes[0]}"
+    return f"feature axes {feature_axes}"
+
+
 def per_feature(
     values: Sequence[Array], names: Sequence[str], x: Array, feature_axes: tuple[int, ...],
     broadcast_shape: tuple[int, ...], what: str,
@@ -113,8 +128,8 @@ def per_feature(
             raise TypeError(f"Expected {what} {name} with a floating dtype, got {value.dtype}.")
         if value.shape != expected:
             raise ValueError(
-                f"Expected {what} {name} of shape {expected} (the size of x's feature axes "
-                f"{feature_axes} for x of shape {x.shape}), got shape {value.shape}."
+                f"Expected {what} {name} of shape {expected}, the size of x's "
+                f"{_axes_text(feature_axes)} (x has shape {x.shape}), got shape {value.shape}."
             )
         out.append(value.reshape(broadcast_shape))
     return out
@@ -145,7 +160,7 @@ def check_mask(mask: Any, x: Array, feature_axes: tuple[int, ...]) -> Array | No
     if not fits:
         raise ValueError(
             f"Expected a mask broadcastable to {batch_shape} (x's shape {x.shape} without "
-            f"the feature axes {feature_axes}), got shape {mask.shape}."
+            f"its {_axes_text(feature_axes)}), got shape {mask.shape}."
         )
     mask = mask.reshape((1,) * (len(batch_shape) - mask.ndim) + mask.shape)
     for a in feature_axes:

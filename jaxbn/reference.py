@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jaxbn._core import AxisName, compute_dtype, vary_like
-from jaxbn._norms import Params, _batch_norm_layout, _check_reduced_size
+from jaxbn._norms import Params, _batch_norm_layout, check_batch
 
 Array = jax.Array
 
@@ -52,7 +52,7 @@ def batch_norm_autodiff(
     Same arguments, conventions and result as :func:`jaxbn.batch_norm`.
     """
     x, gamma, beta, stat_axes, eps, mask, _ = _batch_norm_layout(params, x, axis, eps, mask)
-    _check_reduced_size(x, stat_axes, axis_name, "batch_norm_autodiff")
+    check_batch(x, stat_axes, axis_name, "batch_norm_autodiff")
     dtype = compute_dtype(x.dtype)
     xf = x.astype(dtype)
     keep = jnp.ones((), bool) if mask is None else mask
@@ -131,7 +131,7 @@ def batch_norm_staged(
     saves every intermediate of the forward pass for the backward pass.
     """
     x, gamma, beta, stat_axes, eps, mask, _ = _batch_norm_layout(params, x, axis, eps, mask)
-    _check_reduced_size(x, stat_axes, axis_name, "batch_norm_staged")
+    check_batch(x, stat_axes, axis_name, "batch_norm_staged")
     xf = x.astype(compute_dtype(x.dtype))
     if axis_name is not None:
         gamma, beta = vary_like((gamma, beta), xf)

@@ -23,7 +23,7 @@ CASES = [
     ("params-shape", lambda x: jaxbn.batch_norm(jaxbn.init(4), x), (X,), ValueError,
      r"Expected params gamma of shape \(3,\).*got shape \(4,\)"),
     ("params-shape-nchw", lambda x: jaxbn.batch_norm(P6, x, axis=1), (X4,), ValueError,
-     r"Expected params gamma of shape \(3,\).*feature axes \(1,\).*got shape \(6,\)"),
+     r"Expected params gamma of shape \(3,\), the size of x's feature axis 1 .*got shape \(6,\)"),
     ("beta-shape", lambda x: jaxbn.batch_norm({"gamma": jnp.ones(3), "beta": jnp.zeros(2)}, x),
      (X,), ValueError, r"params beta of shape \(3,\).*got shape \(2,\)"),
     ("params-tuple-axis", lambda x: jaxbn.batch_norm(jaxbn.init(6), x, axis=(1, 2)), (X4,),
@@ -60,11 +60,13 @@ CASES = [
     ("batch-of-one-staged", lambda x: batch_norm_staged(P3, x), (X[:1],), ValueError,
      r"batch of one"),
     ("batch-of-one-nchw-1x1", lambda x: jaxbn.batch_norm(P6, x, axis=-1), (X4[:1, :1, :1],),
-     ValueError, r"single value on the axes \(0, 1, 2\)"),
+     ValueError, r"shape \(1, 1, 1, 6\) the batch holds a single value per feature"),
+    ("batch-norm-1d", lambda x: jaxbn.batch_norm(P3, x), (X[0],), ValueError,
+     r"no axis besides the feature axes.*\(N, \.\.\., C\)"),
     ("layer-norm-one-feature", lambda x: jaxbn.layer_norm(jaxbn.init(1), x), (X[:, :1],),
-     ValueError, r"layer_norm needs more than one value"),
+     ValueError, r"layer_norm normalizes each example over its feature axes \(1,\).*single value"),
     ("instance-norm-1x1", lambda x: jaxbn.group_norm(P6, x, 6), (X4[:, :1, :1],), ValueError,
-     r"group_norm needs more than one value"),
+     r"group_norm with num_groups=6 .*groups of a single value"),
     ("mask-wrong-shape", lambda x, m: jaxbn.batch_norm(P3, x, mask=m), (X, np.ones(5, bool)),
      ValueError, r"mask broadcastable to \(4,\).*got shape \(5,\)"),
     ("mask-feature-shaped", lambda x, m: jaxbn.batch_norm(P3, x, mask=m),
@@ -157,3 +159,30 @@ def test_batch_of_one_nhwc_with_spatial_extent_is_fine():
     y = jax.jit(lambda x: jaxbn.batch_norm(P6, x))(X4[:1])
     assert y.shape == (1, 3, 3, 6)
     np.testing.assert_allclose(np.asarray(y).mean((0, 1, 2)), 0, atol=1e-6)
+
+
+def test_batch_of_one_across_a_mapped_axis_of_size_one():
+    # vmap(axis_name=...) over a batch of one: the statistics would be over one value.
+    per_example = jax.vmap(lambda xi: jaxbn.batch_norm(P3, xi, axis_name="n"), axis_name="n")
+    with pytest.raises(ValueError, match=r"single value per feature \(mapped axis 'n' included\)"):
+        per_example(X[:1])
+    assert per_example(X[:2]).shape == (2, 3)
+
+
+def test_traced_eps_and_axis_name_static_argnames():
+    with pytest.raises(ValueError, match=r"eps to be a non-negative Python number.*static_argnames"):
+        jax.jit(jaxbn.batch_norm)(P3, X, eps=1e-3)
+    with pytest.raises(TypeError, match=r"axis to be an int.*static_argnames"):
+        jax.jit(jaxbn.batch_norm)(P3, X, axis=-1)
+    static = jax.jit(jaxbn.batch_norm, static_argnames=("axis", "eps"))
+    np.testing.assert_allclose(static(P3, X, axis=-1, eps=1e-3),
+                               jaxbn.batch_norm(P3, X, eps=1e-3), rtol=1e-6, atol=1e-6)
+
+
+def test_traced_momentum_is_allowed():
+    # momentum only weighs an average, so a traced value (a schedule) is fine.
+    S3 = jaxbn.init_stats(3)
+    _, traced = jax.jit(jaxbn.batch_norm_train)(P3, S3, X, momentum=0.75)
+    _, concrete = jaxbn.batch_norm_train(P3, S3, X, momentum=0.75)
+    np.testing.assert_allclose(traced.var, concrete.var, rtol=1e-6)
+    np.testing.assert_allclose(traced.mean, concrete.mean, rtol=1e-6, atol=1e-7)

@@ -173,7 +173,7 @@ DEFERRED_IDS = ["jit-of-jvp", "jvp-of-jit"]
     strict=True,
     reason="jit(jvp(f)) raises at lowering and jvp(jit(f)) re-traces the jitted jaxpr: both "
     "outside jaxbn._core.normalize's try/except, so only JAX's own message (reason, no "
-    "alternative) surfaces; DESIGN.md asks for the alternative too",
+    "alternative) surfaces; the design asks for the alternative too",
 )
 @pytest.mark.parametrize("transform", DEFERRED, ids=DEFERRED_IDS)
 def test_deferred_forward_mode_error_names_alternative(transform):
