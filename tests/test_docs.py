@@ -4,6 +4,9 @@ import doctest
 import pathlib
 import re
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
 
 import jaxbn
@@ -29,3 +32,18 @@ def test_docstring_examples(module):
     result = doctest.testmod(module, verbose=False)
     assert result.attempted > 0
     assert result.failed == 0
+
+
+def test_readme_shard_map_gradients_equal_single_device():
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
+    namespace: dict = {}
+    exec(compile("\n".join(blocks), str(README), "exec"), namespace)
+    x, grads = namespace["x"], namespace["grads"]
+
+    def single_device_loss(params, x):
+        return jnp.sum(jaxbn.batch_norm(params, x) ** 3)
+
+    x_one_device = jnp.asarray(np.asarray(x))
+    expected = jax.grad(single_device_loss)(jaxbn.init(64), x_one_device)
+    for got, want in zip(grads, expected):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
