@@ -260,9 +260,10 @@ def normalize(
             raise
         raise TypeError(
             "jaxbn norms have a closed-form reverse-mode derivative (jax.custom_vjp) and "
-            "therefore no forward mode, so jax.jvp / jax.jacfwd cannot be applied to them. Use reverse mode instead: jax.grad, jax.vjp or "
-            "jax.jacrev; jax.hessian works (forward-over-reverse). If you need "
-            "forward mode, use jaxbn.reference.batch_norm_autodiff."
+            "therefore no forward mode, so jax.jvp / jax.jacfwd cannot be applied to "
+            "them. Use reverse mode instead: jax.grad, jax.vjp or jax.jacrev; "
+            "jax.hessian works (forward-over-reverse). If you need forward mode, use "
+            "jaxbn.reference.batch_norm_autodiff."
         ) from err
 
 

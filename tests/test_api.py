@@ -1,4 +1,5 @@
-"""The public names of the API contract (README, API table) exist, and init/init_stats return what they promise."""
+"""The public names of the API contract (README, API table) exist; init/init_stats return
+what they promise."""
 
 import jax
 import jax.numpy as jnp

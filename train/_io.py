@@ -58,6 +58,17 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write(path, lambda f: f.write(data))
 
 
+def write_results(out: str, metrics: dict, plot: Callable[[str], str] | None) -> str:
+    """Draws ``plot(out)`` (unless None), lists its file in ``metrics["plots"]``, then
+    writes ``out/metrics.json`` atomically. Returns the metrics path."""
+    os.makedirs(out, exist_ok=True)
+    if plot is not None:
+        metrics["plots"] = [os.path.basename(plot(out))]
+    path = os.path.join(out, "metrics.json")
+    write_json(path, metrics)
+    return path
+
+
 def write_npz(path: str | os.PathLike, arrays: dict[str, Any]) -> None:
     """Writes a ``.npz`` of numpy arrays, atomically."""
     buf = io.BytesIO()

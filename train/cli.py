@@ -47,14 +47,23 @@ runs/latest for train). Exit status: 0 ok, 1 diverged (NaN/inf loss), 2 bad argu
 
 
 def _positive_int(s: str) -> int:
-    v = int(s)
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}") from None
     if v < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {s}")
     return v
 
 
 def _devices(s: str) -> int | str:
-    return "all" if s == "all" else _positive_int(s)
+    if s == "all":
+        return s
+    try:
+        return _positive_int(s)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(
+            f"expected a positive integer or 'all', got {s!r}") from None
 
 
 def _common(p: argparse.ArgumentParser, *, epochs: int, hidden: list[int], norm: bool = True):
@@ -200,7 +209,7 @@ def load_data(args: argparse.Namespace):
 
 def cmd_train(args: argparse.Namespace) -> int:
     from train import loop, plots
-    from train._io import write_json
+    from train._io import write_results
 
     t0 = time.perf_counter()
     ds = load_data(args)
@@ -235,12 +244,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         "train_time_s": res.wall_time_s,
         "versions": loop.versions(),
     }
-    if not args.no_plots:
-        metrics["plots"] = [os.path.basename(plots.training_curves(
-            hist, os.path.join(cfg.out, "curves.png"),
-            title=f"{ds.name}: MLP {'-'.join(map(str, cfg.hidden))}, norm={cfg.norm}, "
-                  f"test acc {100 * metrics['test_accuracy']:.2f}%"))]
-    write_json(os.path.join(cfg.out, "metrics.json"), metrics)
+    write_results(cfg.out, metrics, None if args.no_plots else lambda out: plots.training_curves(
+        hist, os.path.join(out, "curves.png"),
+        title=f"{ds.name}: MLP {'-'.join(map(str, cfg.hidden))}, norm={cfg.norm}, "
+              f"test acc {100 * metrics['test_accuracy']:.2f}%"))
     print(f"test accuracy {100 * metrics['test_accuracy']:.2f}%  "
           f"wall time {metrics['wall_time_s']:.1f} s  -> {cfg.out}/metrics.json", flush=True)
     return 0

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from train import loop, plots
-from train._io import write_json
+from train._io import write_results
 from train.cli import config_from_args, load_data
 
 COMPARE_NORMS = ("jaxbn", "autodiff", "staged")
@@ -180,13 +180,10 @@ def cmd_compare(args) -> int:
     print(f"  step time (median, batch {tb}): " + ", ".join(
         f"{n} {1e3 * t:.3f} ms ({t / step_time['jaxbn']:.2f}x)" for n, t in step_time.items()),
         flush=True)
-    os.makedirs(args.out, exist_ok=True)
-    if not args.no_plots:
-        metrics["plots"] = [os.path.basename(plots.compare_plot(
-            metrics, os.path.join(args.out, "compare.png"),
-            title=f"{ds.name}: same seed, three batch-norm backward passes "
-                  f"({'agree' if ok else 'DISAGREE'} within float32 tolerance)"))]
-    write_json(os.path.join(args.out, "metrics.json"), metrics)
+    write_results(args.out, metrics, None if args.no_plots else lambda out: plots.compare_plot(
+        metrics, os.path.join(out, "compare.png"),
+        title=f"{ds.name}: same seed, three batch-norm backward passes "
+              f"({'agree' if ok else 'DISAGREE'} within float32 tolerance)"))
     print(f"{'agree' if ok else 'DISAGREE'} within tolerance; wall time "
           f"{metrics['wall_time_s']:.1f} s -> {args.out}/metrics.json", flush=True)
     return 0 if ok else 3
@@ -251,14 +248,11 @@ def cmd_init_scale(args) -> int:
         "wall_time_s": time.perf_counter() - t0,
         "versions": loop.versions(),
     }
-    os.makedirs(args.out, exist_ok=True)
-    if not args.no_plots:
-        metrics["plots"] = [os.path.basename(plots.init_scale_plot(
-            scales, rows, os.path.join(args.out, "init_scale.png"),
-            title=f"{ds.name}: {len(args.hidden)} hidden layers of "
-                  f"{'/'.join(map(str, sorted(set(args.hidden))))}, {args.epochs} epochs, "
-                  f"{args.optimizer} lr {args.lr:g}, batch {args.batch_size}"))]
-    write_json(os.path.join(args.out, "metrics.json"), metrics)
+    write_results(args.out, metrics, None if args.no_plots else lambda out: plots.init_scale_plot(
+        scales, rows, os.path.join(out, "init_scale.png"),
+        title=f"{ds.name}: {len(args.hidden)} hidden layers of "
+              f"{'/'.join(map(str, sorted(set(args.hidden))))}, {args.epochs} epochs, "
+              f"{args.optimizer} lr {args.lr:g}, batch {args.batch_size}"))
     print(f"wall time {metrics['wall_time_s']:.1f} s -> {args.out}/metrics.json", flush=True)
     return 0
 
@@ -322,12 +316,9 @@ def cmd_batch_size(args) -> int:
         "wall_time_s": time.perf_counter() - t0,
         "versions": loop.versions(),
     }
-    os.makedirs(args.out, exist_ok=True)
-    if not args.no_plots:
-        metrics["plots"] = [os.path.basename(plots.batch_size_plot(
-            sizes, rows, os.path.join(args.out, "batch_size.png"),
-            title=f"{ds.name}: MLP hidden {'-'.join(map(str, args.hidden))}, {args.epochs} "
-                  f"epochs for every batch size, {args.optimizer} lr {args.lr:g}"))]
-    write_json(os.path.join(args.out, "metrics.json"), metrics)
+    write_results(args.out, metrics, None if args.no_plots else lambda out: plots.batch_size_plot(
+        sizes, rows, os.path.join(out, "batch_size.png"),
+        title=f"{ds.name}: MLP hidden {'-'.join(map(str, args.hidden))}, {args.epochs} "
+              f"epochs for every batch size, {args.optimizer} lr {args.lr:g}"))
     print(f"wall time {metrics['wall_time_s']:.1f} s -> {args.out}/metrics.json", flush=True)
     return 0

@@ -121,6 +121,18 @@ def train_step(state: TrainState, x: Array, y: Array, *, norm: str, optimizer, m
     return TrainState(params, new_stats, opt_state, state.step + 1), loss
 
 
+def check_devices(devices: int) -> int:
+    """ValueError unless JAX sees at least ``devices`` devices; returns how many it sees."""
+    available = jax.device_count()
+    if devices > available:
+        raise ValueError(
+            f"--devices {devices} but JAX sees {available} device(s) "
+            f"({jax.default_backend()}). On CPU, set "
+            f"XLA_FLAGS=--xla_force_host_platform_device_count={devices} before starting Python."
+        )
+    return available
+
+
 def batch_sharding(devices: int):
     """``(replicated, batch)`` NamedShardings over a 1-d ``'batch'`` mesh of ``devices`` devices.
 
@@ -131,13 +143,7 @@ def batch_sharding(devices: int):
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 
-    available = jax.device_count()
-    if devices > available:
-        raise ValueError(
-            f"--devices {devices} but JAX sees {available} device(s) "
-            f"({jax.default_backend()}). On CPU, set "
-            f"XLA_FLAGS=--xla_force_host_platform_device_count={devices} before starting Python."
-        )
+    available = check_devices(devices)
     if jax.process_count() > 1 and devices != available:
         raise ValueError(f"With {jax.process_count()} processes, --devices must be all "
                          f"{available} devices, got {devices}.")
@@ -309,6 +315,7 @@ def run(cfg: TrainConfig, ds: Dataset, *, verbose: bool = True,
     if cfg.batch_size < 2 or cfg.batch_size > n:
         raise ValueError(f"Expected 2 <= batch size <= {n} (training examples), "
                          f"got {cfg.batch_size}.")
+    check_devices(cfg.devices)
     if cfg.batch_size % cfg.devices:
         raise ValueError(f"Batch size {cfg.batch_size} must be divisible by --devices "
                          f"{cfg.devices}.")
