@@ -154,12 +154,19 @@ def _normalize(x, gamma, beta, mask, stat_axes, eps, axis_name):
     return y
 
 
+def _zero_masked(x: Array, mask: Array | None) -> Array:
+    """``x`` with masked-out entries set to 0, so NaN/inf padding never meets a product
+    (not even in the derivatives of the backward pass)."""
+    return x if mask is None else jnp.where(mask, x, jnp.zeros((), x.dtype))
+
+
 def _normalize_fwd(x, gamma, beta, mask, stat_axes, eps, axis_name):
     dtype = compute_dtype(x.dtype)
-    mean, var, count = moments(x, stat_axes, mask, axis_name)
+    clean = _zero_masked(x, mask)
+    mean, var, count = moments(clean, stat_axes, mask, axis_name)
     inv_std = lax.rsqrt(var + jnp.asarray(eps, dtype))
     scale = inv_std * gamma.astype(dtype)  # per statistic group: one multiply per element
-    y = (x.astype(dtype) - _distinct(mean)) * scale + beta.astype(dtype)
+    y = (clean.astype(dtype) - _distinct(mean)) * scale + beta.astype(dtype)
     if mask is not None:
         y = jnp.where(mask, y, 0)
     return y.astype(x.dtype), (x, mean, inv_std, count, gamma, beta, mask)
@@ -169,6 +176,7 @@ def _normalize_bwd(stat_axes, eps, axis_name, residuals, dy):
     del eps
     x, mean, inv_std, count, gamma, beta, mask = residuals
     dtype = compute_dtype(x.dtype)
+    x = _zero_masked(x, mask)
     # Each array-sized use gets its own handle on dy, x and mean, so that XLA fuses
     # the conversion and centering into that use (see _distinct). One barrier
     # for all of them: two identical barriers would be merged again by XLA.
