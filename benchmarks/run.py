@@ -63,7 +63,7 @@ def _machine() -> dict:
     return {
         "cpu": cpu, "cores": os.cpu_count(), "backend": jax.default_backend(),
         "devices": [str(d) for d in jax.devices()], "versions": versions,
-        "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "date_utc": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "load_average_1min_at_start": load, "platform": platform.platform(),
     }
 

@@ -16,10 +16,10 @@ The backward pass is the closed form of the CS231n derivation::
     dx     = inv_std / N * (N * dxhat - sum(dxhat) - xhat * sum(dxhat * xhat))
     dgamma = sum(dy * xhat),   dbeta = sum(dy)
 
-substituted with :func:`jax.custom_vjp`. It saves only the input ``x`` (the
-array the caller already holds, in its own dtype), the mean and the inverse
-standard deviation (one value per statistics group) and the mask; ``xhat`` is
-recomputed in the backward pass inside the loops that use it.
+substituted with :func:`jax.custom_vjp`. It saves the input ``x`` (the array
+the caller already holds, in its own dtype), the mask if any, and values per
+statistics group or feature (mean, inverse standard deviation, count, gamma,
+beta); ``xhat`` is recomputed in the backward pass inside the loops that use it.
 
 Performance (see ``benchmarks/``): batch norm is memory bound, so the cost is
 the number of times arrays of ``x``'s size are read and written. When
@@ -37,6 +37,7 @@ inputs through an optimization barrier (:func:`_distinct`).
 from __future__ import annotations
 
 import functools
+import math
 import numbers
 from collections.abc import Hashable, Sequence
 from typing import Any
@@ -83,9 +84,7 @@ def moments(
     dtype = compute_dtype(x.dtype)
     if mask is None:
         x_sum, x_sq = _converted_copies(x, 2, dtype)
-        local_count = 1
-        for a in stat_axes:
-            local_count *= x.shape[a]
+        local_count = math.prod(x.shape[a] for a in stat_axes)
         count = jnp.full((1,) * x.ndim, _psum(local_count, axis_name), dtype)
         sum_x = _psum(jnp.sum(x_sum, stat_axes, keepdims=True), axis_name)
         mean = sum_x / count
@@ -148,21 +147,21 @@ def _sum_to(value: Array, shape: tuple[int, ...]) -> Array:
     return jnp.sum(value, axes, keepdims=True) if axes else value
 
 
+def zero_masked(x: Array, mask: Array | None) -> Array:
+    """``x`` with masked-out entries set to 0, so NaN/inf padding never meets a product
+    (not even in the derivatives of the backward pass)."""
+    return x if mask is None else jnp.where(mask, x, jnp.zeros((), x.dtype))
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
 def _normalize(x, gamma, beta, mask, stat_axes, eps, axis_name):
     y, _ = _normalize_fwd(x, gamma, beta, mask, stat_axes, eps, axis_name)
     return y
 
 
-def _zero_masked(x: Array, mask: Array | None) -> Array:
-    """``x`` with masked-out entries set to 0, so NaN/inf padding never meets a product
-    (not even in the derivatives of the backward pass)."""
-    return x if mask is None else jnp.where(mask, x, jnp.zeros((), x.dtype))
-
-
 def _normalize_fwd(x, gamma, beta, mask, stat_axes, eps, axis_name):
     dtype = compute_dtype(x.dtype)
-    clean = _zero_masked(x, mask)
+    clean = zero_masked(x, mask)
     mean, var, count = moments(clean, stat_axes, mask, axis_name)
     inv_std = lax.rsqrt(var + jnp.asarray(eps, dtype))
     scale = inv_std * gamma.astype(dtype)  # per statistic group: one multiply per element
@@ -176,7 +175,7 @@ def _normalize_bwd(stat_axes, eps, axis_name, residuals, dy):
     del eps
     x, mean, inv_std, count, gamma, beta, mask = residuals
     dtype = compute_dtype(x.dtype)
-    x = _zero_masked(x, mask)
+    x = zero_masked(x, mask)
     # Each array-sized use gets its own handle on dy, x and mean, so that XLA fuses
     # the conversion and centering into that use (see _distinct). One barrier
     # for all of them: two identical barriers would be merged again by XLA.
@@ -221,6 +220,9 @@ def _normalize_bwd(stat_axes, eps, axis_name, residuals, dy):
     return dx.astype(x.dtype), dgamma.astype(gamma.dtype), dbeta.astype(beta.dtype), None
 
 
+_normalize.defvjp(_normalize_fwd, _normalize_bwd)
+
+
 def vary_like(params: Any, x: Array) -> Any:
     """Gives each array in ``params`` the device-varying type of ``x`` (a no-op outside shard_map).
 
@@ -231,9 +233,6 @@ def vary_like(params: Any, x: Array) -> Any:
     gradient), and the custom rule itself never sees mismatched types.
     """
     return jax.tree.map(lambda p: p + jnp.zeros_like(x, shape=p.shape, dtype=p.dtype), params)
-
-
-_normalize.defvjp(_normalize_fwd, _normalize_bwd)
 
 
 def normalize(

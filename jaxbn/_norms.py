@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Mapping, Sequence
 
 import jax
@@ -27,9 +29,7 @@ Params = BatchNormParams | Mapping[str, Array]
 
 def _values_per_statistic(x: Array, stat_axes: tuple[int, ...], axis_name: AxisName) -> int:
     """How many values each statistic is taken over, across the mapped ``axis_name`` too."""
-    size = 1
-    for a in stat_axes:
-        size *= x.shape[a]
+    size = math.prod(x.shape[a] for a in stat_axes)
     if axis_name is not None:
         size *= lax.psum(1, axis_name)  # the mapped axis size, a Python int at trace time
     return size
@@ -51,6 +51,13 @@ def check_batch(x: Array, stat_axes: tuple[int, ...], axis_name: AxisName, what:
         "batch_norm_eval with running statistics, or axis_name to share statistics "
         "across a mapped axis."
     )
+
+
+def _running_stats(stats, x, feature_axes, broadcast_shape) -> list[Array]:
+    """Checks ``stats`` and returns its mean and var reshaped to ``broadcast_shape``."""
+    if not isinstance(stats, RunningStats):
+        raise TypeError(f"Expected stats to be jaxbn.RunningStats, got {type(stats).__name__}.")
+    return per_feature(stats, ("mean", "var"), x, feature_axes, broadcast_shape, "running stats")
 
 
 def _checked(params, x, eps):
@@ -153,23 +160,24 @@ def batch_norm_train(
     Returns:
       ``(y, new_stats)``.
     """
-    if isinstance(momentum, (int, float)) and not 0.0 <= momentum <= 1.0:
+    if isinstance(momentum, numbers.Real) and not 0.0 <= momentum <= 1.0:
         raise ValueError(f"Expected momentum in [0, 1], got {momentum!r}.")
     x, gamma, beta, stat_axes, eps, mask, feature_axes = _batch_norm_layout(
         params, x, axis, eps, mask
     )
     check_batch(x, stat_axes, axis_name, "batch_norm_train")
-    if not isinstance(stats, RunningStats):
-        raise TypeError(f"Expected stats to be jaxbn.RunningStats, got {type(stats).__name__}.")
-    running_mean, running_var = per_feature(
-        stats, ("mean", "var"), x, feature_axes, gamma.shape, "running stats"
-    )
+    running_mean, running_var = _running_stats(stats, x, feature_axes, gamma.shape)
     y = _core.normalize(
         x, gamma, beta, stat_axes=stat_axes, eps=eps, axis_name=axis_name, mask=mask
     )
-    mean, var, count = _core.moments(lax.stop_gradient(x), stat_axes, mask, axis_name)
-    new_mean = momentum * running_mean + (1 - momentum) * mean.astype(running_mean.dtype)
-    new_var = momentum * running_var + (1 - momentum) * var.astype(running_var.dtype)
+    # The same statistics as inside the core, without gradient. Under jit XLA
+    # merges the two identical computations (one set of reductions in the HLO).
+    mean, var, _ = _core.moments(
+        lax.stop_gradient(_core.zero_masked(x, mask)), stat_axes, mask, axis_name)
+    # In the running statistics' dtype even when momentum is traced (a float32 scalar).
+    m = jnp.asarray(momentum, running_mean.dtype)
+    new_mean = m * running_mean + (1 - m) * mean.astype(running_mean.dtype)
+    new_var = m * running_var + (1 - m) * var.astype(running_var.dtype)
     if mask is not None:
         seen = jnp.any(mask)
         if axis_name is not None:
@@ -200,9 +208,7 @@ def batch_norm_eval(
       ``y`` with ``x``'s shape and dtype.
     """
     x, gamma, beta, _, eps, _, feature_axes = _batch_norm_layout(params, x, axis, eps, None)
-    if not isinstance(stats, RunningStats):
-        raise TypeError(f"Expected stats to be jaxbn.RunningStats, got {type(stats).__name__}.")
-    mean, var = per_feature(stats, ("mean", "var"), x, feature_axes, gamma.shape, "running stats")
+    mean, var = _running_stats(stats, x, feature_axes, gamma.shape)
     dtype = _core.compute_dtype(x.dtype)
     scale = lax.rsqrt(var.astype(dtype) + jnp.asarray(eps, dtype)) * gamma.astype(dtype)
     y = (x.astype(dtype) - mean.astype(dtype)) * scale + beta.astype(dtype)
@@ -261,7 +267,8 @@ def group_norm(params: Params, x: Array, num_groups: int, *, eps: float = 1e-5) 
     if x.ndim < 2:
         raise ValueError(f"Expected x of rank >= 2, (N, ..., C), got shape {x.shape}.")
     channels = x.shape[-1]
-    if not isinstance(num_groups, int) or num_groups < 1 or channels % num_groups:
+    if (not isinstance(num_groups, numbers.Integral) or isinstance(num_groups, bool)
+            or num_groups < 1 or channels % num_groups):
         raise ValueError(
             f"Expected num_groups to be a positive divisor of the number of channels "
             f"C={channels}, got num_groups={num_groups!r}."

@@ -70,6 +70,8 @@ def as_params(params: BatchNormParams | Mapping[str, Array]) -> BatchNormParams:
 def check_input(x: Any, name: str = "x") -> Array:
     """Returns ``x`` as an array; TypeError unless it has a floating dtype."""
     x = jnp.asarray(x)
+    if x.ndim == 0:
+        raise ValueError(f"Expected {name} with at least one axis, got a scalar.")
     if not jnp.issubdtype(x.dtype, jnp.floating):
         raise TypeError(
             f"Expected {name} to have a floating dtype (float16, bfloat16, float32 or "
@@ -85,6 +87,7 @@ STATIC_HINT = (
 
 
 def check_eps(eps: float) -> float:
+    """Returns ``eps`` as a float; ValueError unless it is a non-negative Python number."""
     if not isinstance(eps, (int, float, np.floating)) or not eps >= 0:
         raise ValueError(
             f"Expected eps to be a non-negative Python number, got {eps!r}. {STATIC_HINT}"
@@ -151,12 +154,8 @@ def check_mask(mask: Any, x: Array, feature_axes: tuple[int, ...]) -> Array | No
         # A mask of x's rank with size 1 on the feature axes, e.g. (N, 1) for (N, D).
         mask = jnp.squeeze(mask, feature_axes)
     batch_shape = tuple(n for i, n in enumerate(x.shape) if i not in feature_axes)
-    try:
-        np.broadcast_shapes(mask.shape, batch_shape)
-        fits = mask.ndim <= len(batch_shape) and np.broadcast_shapes(
-            mask.shape, batch_shape) == batch_shape
-    except ValueError:
-        fits = False
+    fits = mask.ndim <= len(batch_shape) and all(
+        m in (1, n) for m, n in zip(mask.shape[::-1], batch_shape[::-1]))
     if not fits:
         raise ValueError(
             f"Expected a mask broadcastable to {batch_shape} (x's shape {x.shape} without "

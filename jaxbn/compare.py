@@ -303,12 +303,12 @@ def format_report(result: dict[str, Any]) -> str:
             coords = "/".join(str(diff[g]["coordinates"]) for g in GRADS)
             parts.append(f"on {coords} sampled coordinates")
         elif timing is not None:
-            parts.append(f"speedup: {timing[name]['ratio_to_closed_form']:.2f}x")
+            parts.append(f"closed-form speedup: {timing[name]['ratio_to_closed_form']:.2f}x")
         lines.append(f"  {label}  " + ", ".join(parts))
     if timing is not None:
         lines.append(
             f"fwd+bwd under jit on {result['backend']}, median of {result['repeats']} "
-            "interleaved calls (speedup = its time / closed form's time):"
+            "interleaved calls (closed-form speedup = its time / closed form's time):"
         )
         for name in (CLOSED, AUTODIFF, STAGED):
             t = timing[name]

@@ -7,7 +7,8 @@
   ``batchnorm_backward`` does, saving every intermediate of the forward pass.
 
 Both take the same arguments as :func:`jaxbn.batch_norm` and share its input
-checks, but not its normalization core: they are independent of it.
+checks, dtype policy and shard_map parameter handling, but not its
+normalization core or its backward pass.
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ def batch_norm_autodiff(
     keep = jnp.ones((), bool) if mask is None else mask
     xf = jnp.where(keep, xf, 0)  # masked entries may hold inf/NaN padding
     count = _count(xf, mask, stat_axes, axis_name)
-    mean = _sum(jnp.where(keep, xf, 0), stat_axes, axis_name) / count
+    mean = _sum(xf, stat_axes, axis_name) / count
     var = _sum(jnp.where(keep, (xf - mean) ** 2, 0), stat_axes, axis_name) / count
     y = (xf - mean) / jnp.sqrt(var + jnp.asarray(eps, dtype)) * gamma.astype(dtype)
     y = jnp.where(keep, y + beta.astype(dtype), 0)

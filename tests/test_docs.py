@@ -47,3 +47,12 @@ def test_readme_shard_map_gradients_equal_single_device():
     expected = jax.grad(single_device_loss)(jaxbn.init(64), x_one_device)
     for got, want in zip(grads, expected):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+
+
+def test_readme_vmap_axis_name_equals_batch_norm():
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
+    namespace: dict = {}
+    exec(compile("\n".join(blocks), str(README), "exec"), namespace)
+    params, per_example = namespace["params"], namespace["per_example"]
+    x = jnp.asarray(np.asarray(namespace["x"]))
+    np.testing.assert_allclose(per_example(x), jaxbn.batch_norm(params, x), rtol=1e-6, atol=1e-6)

@@ -186,3 +186,22 @@ def test_traced_momentum_is_allowed():
     _, concrete = jaxbn.batch_norm_train(P3, S3, X, momentum=0.75)
     np.testing.assert_allclose(traced.var, concrete.var, rtol=1e-6)
     np.testing.assert_allclose(traced.mean, concrete.mean, rtol=1e-6, atol=1e-7)
+
+
+def test_scalar_input_numpy_integer_groups_and_numpy_momentum():
+    with pytest.raises(ValueError, match=r"Expected x with at least one axis, got a scalar"):
+        jaxbn.batch_norm(P3, np.float32(1.0))
+    x8 = np.random.default_rng(1).normal(size=(2, 3, 3, 8)).astype(np.float32)
+    np.testing.assert_allclose(jaxbn.group_norm(jaxbn.init(8), x8, np.int64(2)),
+                               jaxbn.group_norm(jaxbn.init(8), x8, 2))
+    with pytest.raises(ValueError, match=r"positive divisor .* C=8, got num_groups=True"):
+        jaxbn.group_norm(jaxbn.init(8), x8, True)
+    with pytest.raises(ValueError, match=r"momentum in \[0, 1\]"):
+        jaxbn.batch_norm_train(P3, jaxbn.init_stats(3), X, momentum=np.float32(1.5))
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+def test_traced_momentum_keeps_running_stats_dtype(dtype):
+    stats = jaxbn.init_stats(3, dtype)
+    _, new = jax.jit(jaxbn.batch_norm_train)(P3, stats, X, momentum=jnp.float32(0.9))
+    assert new.mean.dtype == dtype and new.var.dtype == dtype
