@@ -160,17 +160,23 @@ def test_all_masked_gives_zeros_without_nan(shape, mask_shape, impl):
     assert np.all(np.isfinite(np.asarray(h)))
 
 
+def _padded_inputs(garbage, seed):
+    """An (8, 3) batch whose rows 2 and 5 are padding: ``((clean, dirty), g, b, dy, mask)``,
+    with the padding 0 in ``clean`` and ``garbage`` in ``dirty``."""
+    x, g, b, dy = _inputs((8, 3), -1, seed=seed)
+    mask = np.ones(8, bool)
+    mask[[2, 5]] = False
+    clean, dirty = x.copy(), x.copy()
+    clean[~mask] = 0.0
+    dirty[~mask] = garbage
+    return (clean, dirty), g, b, dy, mask
+
+
 @pytest.mark.parametrize("impl", list(IMPLS))
 @pytest.mark.parametrize("garbage", [np.nan, np.inf, -np.inf, 1e30])
 def test_non_finite_garbage_in_masked_rows_does_not_leak(impl, garbage):
     """Padding rows may hold anything: their values must not reach y or any gradient."""
-    x, g, b, dy = _inputs((8, 3), -1, seed=40)
-    mask = np.ones(8, bool)
-    mask[[2, 5]] = False
-    clean = x.copy()
-    clean[~mask] = 0.0
-    dirty = x.copy()
-    dirty[~mask] = garbage
+    (clean, dirty), g, b, dy, mask = _padded_inputs(garbage, seed=40)
     args = lambda x: as_dtype((x, g, b, dy), jnp.float32)  # noqa: E731
     got = value_and_vjp(IMPLS[impl], *args(dirty), jnp.asarray(mask))
     want = value_and_vjp(IMPLS[impl], *args(clean), jnp.asarray(mask))
@@ -181,13 +187,7 @@ def test_non_finite_garbage_in_masked_rows_does_not_leak(impl, garbage):
 @pytest.mark.parametrize("garbage", [np.nan, np.inf])
 def test_non_finite_garbage_in_masked_rows_does_not_leak_second_order(impl, garbage):
     """Grad-of-grad (e.g. a gradient penalty) on a padded batch: padding stays out too."""
-    x, g, b, _ = _inputs((8, 3), -1, seed=41)
-    mask = np.ones(8, bool)
-    mask[[2, 5]] = False
-    clean = x.copy()
-    clean[~mask] = 0.0
-    dirty = x.copy()
-    dirty[~mask] = garbage
+    (clean, dirty), g, b, _, mask = _padded_inputs(garbage, seed=41)
 
     def penalty(x, g, b):
         inner = lambda x, g: jnp.sum(jnp.sin(IMPLS[impl](  # noqa: E731
