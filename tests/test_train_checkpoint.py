@@ -115,7 +115,9 @@ def test_resume_without_checkpoint_starts_fresh(tmp_path, capsys):
     assert "starting from scratch" in capsys.readouterr().out
 
 
-def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("every, saved", [(1, 3), (2, 2), (0, None)])
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, capsys, monkeypatch, every,
+                                                       saved):
     real = loop.step_fn
     calls = {"n": 0}
 
@@ -125,18 +127,40 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, capsys, monkeyp
         def f(state, x, y):
             calls["n"] += 1
             state, loss = step(state, x, y)
-            return state, (loss * np.nan if calls["n"] > 2 * (256 // 32) + 3 else loss)
+            return state, (loss * np.nan if calls["n"] > 3 * (256 // 32) + 3 else loss)
         return f
 
     monkeypatch.setattr(loop, "step_fn", poisoned)
     out = str(tmp_path / "run")
-    rc = cli.main([*BASE, "--epochs", "5", "--checkpoint-every", "1", "--out", out])
+    ckpt = os.path.join(out, loop.CHECKPOINT_NAME)
+    rc = cli.main([*BASE, "--epochs", "5", "--checkpoint-every", str(every), "--out", out])
     assert rc == 1
     err = capsys.readouterr().err
-    assert "diverged" in err and "epoch 3" in err and "checkpoint" in err
-    assert _checkpoint_epoch(os.path.join(out, loop.CHECKPOINT_NAME)) == 2
+    assert "diverged" in err and "at epoch 4," in err
+    if saved is None:
+        assert "no checkpoint was written" in err and not os.path.exists(ckpt)
+    else:  # the message names the epoch of the checkpoint actually on disk
+        assert f"{ckpt} (epoch {saved}) is kept" in err
+        assert _checkpoint_epoch(ckpt) == saved
     assert not os.path.exists(os.path.join(out, "metrics.json"))
-    assert not [f for f in os.listdir(out) if f.endswith(".tmp")]
+    assert not [f for f in os.listdir(out) if f.endswith(".tmp")] if os.path.isdir(out) else True
+
+
+def test_failed_run_does_not_leave_an_earlier_runs_results(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    assert cli.main([*BASE, "--epochs", "1", "--out", out]) == 0
+    assert os.path.exists(os.path.join(out, "metrics.json"))
+    rc = cli.main([*BASE, "--epochs", "2", "--optimizer", "sgd", "--lr", "1e30", "--out", out])
+    assert rc == 1 and "diverged" in capsys.readouterr().err
+    assert not os.path.exists(os.path.join(out, "metrics.json"))
+    assert not os.path.exists(os.path.join(out, loop.FINAL_STATE_NAME))
+
+
+def test_negative_checkpoint_every_is_refused(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([*BASE, "--checkpoint-every", "-1"])
+    assert exit_info.value.code == 2
+    assert "expected an integer >= 0" in capsys.readouterr().err
 
 
 def test_real_divergence_exits_nonzero_without_metrics(tmp_path, capsys):

@@ -149,9 +149,20 @@ def test_bad_settings_exit_2_with_message(tmp_path, capsys, argv, message):
 def test_train_mode_accuracy_counts_every_example(n, batch):
     params, stats = init_mlp(jax.random.key(0), (5, 8, 3))
     x = np.random.default_rng(0).normal(size=(n, 5)).astype(np.float32)
-    logits, _ = apply(params, stats, x, norm="jaxbn", train=True)
-    y = np.asarray(logits).argmax(-1)
-    acc = loop.train_mode_accuracy(params, stats, x, y, norm="jaxbn", batch_size=batch)
-    assert 0.0 <= acc <= 1.0
-    if batch >= n:  # one batch of everything: the same statistics as `apply` above
-        assert acc == 1.0
+    # The documented grouping: batches of b = min(batch, n); a remainder r >= 2 is its
+    # own batch; a single leftover example is normalized with the b - 1 before it.
+    b = min(batch, n)
+    full = n // b * b
+    groups = [(slice(i, i + b), slice(None)) for i in range(0, full, b)]
+    if n - full >= 2:
+        groups.append((slice(full, n), slice(None)))
+    elif n - full == 1:
+        groups.append((slice(n - b, n), slice(-1, None)))
+    preds = np.concatenate([
+        np.asarray(apply(params, stats, x[rows], norm="jaxbn", train=True)[0]).argmax(-1)[keep]
+        for rows, keep in groups])
+    assert preds.shape == (n,)
+    acc = loop.train_mode_accuracy(params, stats, x, preds, norm="jaxbn", batch_size=batch)
+    assert acc == 1.0
+    wrong = (preds + 1) % 3  # every label wrong: each example must be counted once
+    assert loop.train_mode_accuracy(params, stats, x, wrong, norm="jaxbn", batch_size=batch) == 0

@@ -56,6 +56,16 @@ def _positive_int(s: str) -> int:
     return v
 
 
+def _nonnegative_int(s: str) -> int:
+    try:
+        v = int(s)
+    except ValueError:
+        v = -1
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {s!r}")
+    return v
+
+
 def _devices(s: str) -> int | str:
     if s == "all":
         return s
@@ -136,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help=COMMANDS["train"], description=COMMANDS["train"] + ".")
     _common(p, epochs=20, hidden=[256, 256])
     g = p.add_argument_group("checkpoints")
-    g.add_argument("--checkpoint-every", type=int, default=0, metavar="K",
+    g.add_argument("--checkpoint-every", type=_nonnegative_int, default=0, metavar="K",
                    help="save --out/checkpoint.npz every K EPOCHS (params, running stats, "
                         "optimizer state, step, data-order state), atomically; 0 = never")
     g.add_argument("--resume", action="store_true",
@@ -266,6 +276,11 @@ def main(argv: list[str] | None = None) -> int:
 
     name = "cmd_" + args.command.replace("-", "_")
     command = cmd_train if args.command == "train" else getattr(experiments, name)
+    if loop.is_main_process():
+        # A previous run's results in --out must not pass for this run's if it fails.
+        for stale in ("metrics.json", loop.FINAL_STATE_NAME):
+            if os.path.exists(os.path.join(args.out, stale)):
+                os.remove(os.path.join(args.out, stale))
     try:
         return command(args)
     except loop.Diverged as e:

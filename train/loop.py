@@ -323,13 +323,15 @@ def run(cfg: TrainConfig, ds: Dataset, *, verbose: bool = True,
     state = init_state(cfg, ds) if init is None else init
     history: list[dict] = []
     start = 0
+    saved_epoch = None  # epoch of the checkpoint on disk that belongs to this run, if any
     ckpt = os.path.join(cfg.out, CHECKPOINT_NAME) if cfg.out else None
     if cfg.resume and ckpt and os.path.exists(ckpt):
         state, start, history = load_checkpoint(ckpt, state, cfg)
+        saved_epoch = start
         if start > cfg.epochs:
             raise CheckpointError(f"Checkpoint {ckpt} is already at epoch {start}, past "
                                   f"--epochs {cfg.epochs}.")
-        if verbose:
+        if verbose and is_main_process():
             print(f"resuming from {ckpt} after epoch {start} (step {int(state.step)})",
                   flush=True)
     elif cfg.resume and verbose:
@@ -358,9 +360,8 @@ def run(cfg: TrainConfig, ds: Dataset, *, verbose: bool = True,
         losses = np.array([np.asarray(v) for v in jax.device_get(losses)])
         if not np.all(np.isfinite(losses)):
             bad = int(np.argmax(~np.isfinite(losses)))
-            kept = (f"the last good checkpoint {ckpt} (epoch {history[-1]['epoch']}) is kept"
-                    if ckpt and cfg.checkpoint_every and history and os.path.exists(ckpt)
-                    else "no checkpoint was written")
+            kept = (f"the last good checkpoint {ckpt} (epoch {saved_epoch}) is kept"
+                    if saved_epoch is not None else "no checkpoint was written")
             raise Diverged(
                 f"training diverged: loss is {losses[bad]} at epoch {epoch + 1}, step "
                 f"{epoch * steps_per_epoch + bad + 1}; {kept}. Try a smaller --lr."
@@ -382,6 +383,8 @@ def run(cfg: TrainConfig, ds: Dataset, *, verbose: bool = True,
         if (ckpt and cfg.checkpoint_every and (epoch + 1) % cfg.checkpoint_every == 0
                 and is_main_process()):
             save_checkpoint(ckpt, state, epoch=epoch + 1, cfg=cfg, history=history)
+        if ckpt and cfg.checkpoint_every and (epoch + 1) % cfg.checkpoint_every == 0:
+            saved_epoch = epoch + 1
         if cfg.debug_epoch_sleep:
             time.sleep(cfg.debug_epoch_sleep)
     return RunResult(state, history, time.perf_counter() - t0, start)
