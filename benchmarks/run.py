@@ -198,6 +198,10 @@ def numpy_headline(shape=(100, 500), repeats=200, seed=0):
     }
 
 
+def _load_text(load) -> str:
+    return "unknown" if load is None else f"{load:.1f}"
+
+
 def geomean(values):
     values = [v for v in values if v is not None and v > 0]
     return math.exp(sum(map(math.log, values)) / len(values)) if values else float("nan")
@@ -234,8 +238,8 @@ def write_markdown(result, path: Path, plots: dict):
         f"- date: {m['date_utc']}; command: `{result['command']}`",
         f"- machine: {m['cpu']}, {m['cores']} cores, backend {m['backend']} "
         f"({len(m['devices'])} device); 1-min load average at start "
-        f"{m['load_average_1min_at_start']:.1f} (other jobs shared the machine: timings "
-        "are noisy)",
+        f"{_load_text(m['load_average_1min_at_start'])} (other jobs shared the machine: "
+        "timings are noisy)",
         f"- versions: python {v['python']}, jax {v['jax']}, jaxlib {v['jaxlib']}, "
         f"numpy {v['numpy']}, flax {v['flax']}",
         "- method: forward+backward (`jax.vjp`, output and all three gradients returned) "
