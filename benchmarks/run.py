@@ -25,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
+from jaxbn.compare import time_interleaved
+
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 ND_SHAPES = [
@@ -90,15 +92,7 @@ def _interleaved(calls: dict, args, budget_s: float, min_repeats: int, max_repea
         jax.block_until_ready(fn(*args))
         estimate += time.perf_counter() - start
     repeats = int(min(max_repeats, max(min_repeats, budget_s / max(estimate, 1e-9))))
-    names = list(calls)
-    samples = {n: [] for n in names}
-    for r in range(repeats):
-        k = r % len(names)
-        for name in names[k:] + names[:k]:
-            start = time.perf_counter()
-            jax.block_until_ready(calls[name](*args))
-            samples[name].append(time.perf_counter() - start)
-    return {n: statistics.median(s) for n, s in samples.items()}, repeats
+    return time_interleaved(calls, args, repeats, warmup=0), repeats
 
 
 def bench_case(shape, dtype_name, fns, budget_s, min_repeats, max_repeats):
@@ -203,8 +197,12 @@ def _load_text(load) -> str:
 
 
 def geomean(values):
-    values = [v for v in values if v is not None and v > 0]
-    return math.exp(sum(map(math.log, values)) / len(values)) if values else float("nan")
+    values = [v for v in values if v is not None]
+    if not values:
+        return float("nan")
+    if min(values) <= 0:
+        return 0.0
+    return math.exp(sum(map(math.log, values)) / len(values))
 
 
 def summarize(cases, dtype_name):

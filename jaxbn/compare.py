@@ -197,12 +197,16 @@ def _finite_differences(x, gamma, beta, dy, eps, samples, seed, closed_grads):
     return out
 
 
-def _time_interleaved(steps: dict[str, Callable], args: Sequence[Any], repeats: int):
-    """Median seconds per call of each step, calls interleaved round-robin after warm-up."""
+def time_interleaved(
+    steps: dict[str, Callable], args: Sequence[Any], repeats: int, *, warmup: int = 3
+) -> dict[str, float]:
+    """Median seconds per call of each step: ``warmup`` calls each first, then ``repeats``
+    rounds of one call each (the first caller rotating), each waited on with
+    ``block_until_ready``. Also used by ``benchmarks/``."""
     import jax
 
     for step in steps.values():  # compile and warm up
-        for _ in range(3):
+        for _ in range(warmup):
             jax.block_until_ready(step(*args))
     names = list(steps)
     samples = {name: [] for name in names}
@@ -254,7 +258,7 @@ def compare(
 
     timing = None
     if time_it:
-        medians = _time_interleaved(steps, (x, gamma, beta, dy), repeats)
+        medians = time_interleaved(steps, (x, gamma, beta, dy), repeats)
         base = medians[CLOSED]
         timing = {
             name: {"median_s": t, "ratio_to_closed_form": t / base} for name, t in medians.items()

@@ -76,7 +76,9 @@ def init_mlp(
 
 
 def _stats_update(stats: jaxbn.RunningStats, h: Array, momentum: float) -> jaxbn.RunningStats:
-    # jaxbn's convention: running = momentum * running + (1 - momentum) * batch, biased var.
+    # The reference norms return no running statistics, so the autodiff and staged
+    # variants update them here, written independently of jaxbn.batch_norm_train with the
+    # same convention: running = momentum * running + (1 - momentum) * batch, biased var.
     h = jax.lax.stop_gradient(h)
     mean = jnp.mean(h, axis=0)
     var = jnp.mean(jnp.square(h - mean), axis=0)
