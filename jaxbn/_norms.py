@@ -170,8 +170,9 @@ def batch_norm_train(
     y = _core.normalize(
         x, gamma, beta, stat_axes=stat_axes, eps=eps, axis_name=axis_name, mask=mask
     )
-    # The same statistics as inside the core, without gradient. Under jit XLA
-    # merges the two identical computations (one set of reductions in the HLO).
+    # The same statistics as inside the core, without gradient, from the same
+    # (masked-zeroed) input, so that under jit XLA merges the two identical
+    # computations (checked: the same reductions in the HLO as batch_norm alone).
     mean, var, _ = _core.moments(
         lax.stop_gradient(_core.zero_masked(x, mask)), stat_axes, mask, axis_name)
     # In the running statistics' dtype even when momentum is traced (a float32 scalar).
