@@ -38,8 +38,7 @@ from __future__ import annotations
 
 import functools
 import math
-import numbers
-from collections.abc import Hashable, Sequence
+from collections.abc import Hashable
 from typing import Any
 
 import jax
@@ -171,52 +170,88 @@ def _normalize_fwd(x, gamma, beta, mask, stat_axes, eps, axis_name):
     return y.astype(x.dtype), (x, mean, inv_std, count, gamma, beta, mask)
 
 
-def _normalize_bwd(stat_axes, eps, axis_name, residuals, dy):
-    del eps
-    x, mean, inv_std, count, gamma, beta, mask = residuals
+def _keep(mask: Array | None, value: Array) -> Array:
+    """``value`` with masked-out entries set to 0 (``value`` itself without a mask)."""
+    return value if mask is None else jnp.where(mask, value, 0)
+
+
+def _batch_norm_bwd(
+    x: Array, dy: Array, mean: Array, inv_std: Array, count: Array, gamma: Array,
+    mask: Array | None, stat_axes: tuple[int, ...], axis_name: AxisName,
+) -> tuple[Array, Array, Array]:
+    """Backward pass when ``gamma`` is constant over the statistics (batch norm).
+
+    The two sums of the closed form then factor through ``gamma``:
+    ``sum(dxhat) = gamma * sum(dy)`` and ``sum(dxhat * xhat) = gamma * sum(dy * xhat)``,
+    so with ``s1 = sum(dy)`` and ``s2 = sum(dy * xhat)``::
+
+        dx     = gamma * inv_std * (dy - s1 / N - xhat * s2 / N)
+        dgamma = s2,   dbeta = s1        (summed to gamma's and beta's shapes)
+
+    two reductions and one elementwise pass with per-feature coefficients;
+    nothing of ``x``'s size is written besides ``dx``. Returns
+    ``(dx, dgamma, dbeta)`` in the compute dtype, ``dgamma``/``dbeta`` in
+    ``x``'s rank (size 1 on ``stat_axes``), not yet all-reduced.
+    """
     dtype = compute_dtype(x.dtype)
-    x = zero_masked(x, mask)
     # Each array-sized use gets its own handle on dy, x and mean, so that XLA fuses
     # the conversion and centering into that use (see _distinct). One barrier
     # for all of them: two identical barriers would be merged again by XLA.
-    dy_sum, dy_dot, dy, x_dot, x_dx, mean_sum, mean_dx = lax.optimization_barrier(
+    dy_sum, dy_dot, dy_dx, x_dot, x_dx, mean_dot, mean_dx = lax.optimization_barrier(
         (dy, dy, dy, x, x, mean, mean)
     )
-    dy_sum, dy_dot, dy = (d.astype(dtype) for d in (dy_sum, dy_dot, dy))
-    x_dot, x_dx = x_dot.astype(dtype), x_dx.astype(dtype)
-    if mask is not None:
-        dy_sum, dy_dot, dy = (jnp.where(mask, d, 0) for d in (dy_sum, dy_dot, dy))
-    centered = x_dot - mean_sum
-    if mask is not None:
-        centered = jnp.where(mask, centered, 0)  # masked entries may hold inf/NaN padding
-    if all(gamma.shape[a] == 1 for a in stat_axes):
-        # gamma is constant over the statistics (batch norm), so the two sums of
-        # the closed form factor through it: sum(dxhat) = gamma * sum(dy) = gamma * dbeta
-        # and sum(dxhat * xhat) = gamma * sum(dy * xhat) = gamma * dgamma. The backward
-        # pass is then two reductions and one elementwise pass with per-feature
-        # coefficients (nothing of x's size is materialized besides dx):
-        #   dx = gamma * inv_std * (dy - dbeta / N - xhat * dgamma / N)
-        sum_dy = jnp.sum(dy_sum, stat_axes, keepdims=True)
-        sum_dy_xhat = jnp.sum(dy_dot * centered, stat_axes, keepdims=True) * inv_std
-        dgamma = _sum_to(sum_dy_xhat, gamma.shape)
-        dbeta = _sum_to(sum_dy, beta.shape)
-        if axis_name is not None:
-            sum_dy, sum_dy_xhat = lax.psum((sum_dy, sum_dy_xhat), axis_name)
-        scale = gamma.astype(dtype) * inv_std
-        dx = scale * (dy - sum_dy / count) - (x_dx - mean_dx) * (
-            scale * inv_std * sum_dy_xhat / count
-        )
+    dy_sum, dy_dot, dy_dx = (_keep(mask, d.astype(dtype)) for d in (dy_sum, dy_dot, dy_dx))
+    centered = _keep(mask, x_dot.astype(dtype) - mean_dot)  # padding may hold inf/NaN
+    sum_dy = jnp.sum(dy_sum, stat_axes, keepdims=True)
+    sum_dy_xhat = jnp.sum(dy_dot * centered, stat_axes, keepdims=True) * inv_std
+    if axis_name is not None:
+        global_dy, global_dy_xhat = lax.psum((sum_dy, sum_dy_xhat), axis_name)
     else:
-        # gamma varies over the statistics (layer and group norm): the general form.
-        xhat = centered * inv_std
-        dgamma = _sum_to(dy * xhat, gamma.shape)
-        dbeta = _sum_to(dy, beta.shape)
-        dxhat = dy * gamma.astype(dtype)
-        sum_dxhat = _psum(jnp.sum(dxhat, stat_axes, keepdims=True), axis_name)
-        sum_dxhat_xhat = _psum(jnp.sum(dxhat * xhat, stat_axes, keepdims=True), axis_name)
-        dx = inv_std / count * (count * dxhat - sum_dxhat - xhat * sum_dxhat_xhat)
-    if mask is not None:
-        dx = jnp.where(mask, dx, 0)
+        global_dy, global_dy_xhat = sum_dy, sum_dy_xhat
+    scale = gamma.astype(dtype) * inv_std
+    dx = scale * (dy_dx - global_dy / count) - (x_dx.astype(dtype) - mean_dx) * (
+        scale * inv_std * global_dy_xhat / count
+    )
+    return dx, sum_dy_xhat, sum_dy
+
+
+def _general_bwd(
+    x: Array, dy: Array, mean: Array, inv_std: Array, count: Array, gamma: Array,
+    mask: Array | None, stat_axes: tuple[int, ...], axis_name: AxisName,
+) -> tuple[Array, Array, Array]:
+    """Backward pass when ``gamma`` varies over the statistics (layer and group norm).
+
+    The CS231n closed form as written::
+
+        dxhat  = dy * gamma
+        dx     = inv_std / N * (N * dxhat - sum(dxhat) - xhat * sum(dxhat * xhat))
+        dgamma = dy * xhat,   dbeta = dy     (summed to gamma's and beta's shapes)
+
+    Returns ``(dx, dgamma, dbeta)`` in the compute dtype and ``x``'s shape
+    (the caller sums ``dgamma``/``dbeta`` to the parameters' shapes).
+    """
+    dtype = compute_dtype(x.dtype)
+    # A fresh handle on the saved values, so XLA does not merge this pass's
+    # x - mean with the forward pass's (see _distinct).
+    dy, x, mean = lax.optimization_barrier((dy, x, mean))
+    dy = _keep(mask, dy.astype(dtype))
+    xhat = _keep(mask, x.astype(dtype) - mean) * inv_std  # padding may hold inf/NaN
+    dxhat = dy * gamma.astype(dtype)
+    sum_dxhat = _psum(jnp.sum(dxhat, stat_axes, keepdims=True), axis_name)
+    sum_dxhat_xhat = _psum(jnp.sum(dxhat * xhat, stat_axes, keepdims=True), axis_name)
+    dx = inv_std / count * (count * dxhat - sum_dxhat - xhat * sum_dxhat_xhat)
+    return dx, dy * xhat, dy
+
+
+def _normalize_bwd(stat_axes, eps, axis_name, residuals, dy):
+    del eps
+    x, mean, inv_std, count, gamma, beta, mask = residuals
+    x = zero_masked(x, mask)
+    constant_gamma = all(gamma.shape[a] == 1 for a in stat_axes)
+    backward = _batch_norm_bwd if constant_gamma else _general_bwd
+    dx, dgamma, dbeta = backward(x, dy, mean, inv_std, count, gamma, mask, stat_axes, axis_name)
+    dx = _keep(mask, dx)
+    dgamma, dbeta = _sum_to(dgamma, gamma.shape), _sum_to(dbeta, beta.shape)
     return dx.astype(x.dtype), dgamma.astype(gamma.dtype), dbeta.astype(beta.dtype), None
 
 
@@ -272,26 +307,3 @@ def normalize(
             "jax.hessian works (forward-over-reverse). If you need forward mode, use "
             "jaxbn.reference.batch_norm_autodiff."
         ) from err
-
-
-def canonicalize_axes(axis: int | Sequence[int], ndim: int) -> tuple[int, ...]:
-    """Sorted, de-duplicated non-negative axes; ValueError when one is out of range."""
-    axes = tuple(axis) if isinstance(axis, (tuple, list)) else (axis,)
-    if not axes:
-        raise ValueError("Expected at least one feature axis, got axis=().")
-    out = []
-    for a in axes:
-        if not isinstance(a, numbers.Integral) or isinstance(a, bool):
-            raise TypeError(
-                f"Expected axis to be an int or a tuple of ints, got {axis!r}. It selects "
-                "the feature axes, so under jax.jit mark it static, e.g. "
-                "jax.jit(f, static_argnames=('axis', 'eps'))."
-            )
-        a = int(a)
-        if not -ndim <= a < ndim:
-            raise ValueError(
-                f"axis {a} is out of range for an input of rank {ndim} "
-                f"(valid: {-ndim} to {ndim - 1})."
-            )
-        out.append(a % ndim)
-    return tuple(sorted(set(out)))

@@ -2,76 +2,30 @@
 
 from __future__ import annotations
 
-import math
-import numbers
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
 from jaxbn import _core
-from jaxbn._core import AxisName
-from jaxbn._params import (
-    BatchNormParams,
-    RunningStats,
+from jaxbn._checks import (
+    AxisName,
+    Params,
     as_params,
+    batch_norm_layout,
     check_eps,
     check_input,
-    check_mask,
+    check_momentum,
+    check_num_groups,
     feature_layout,
     per_feature,
+    running_stats,
+    values_per_statistic,
 )
+from jaxbn._params import RunningStats
 
 Array = jax.Array
-Params = BatchNormParams | Mapping[str, Array]
-
-
-def _values_per_statistic(x: Array, stat_axes: tuple[int, ...], axis_name: AxisName) -> int:
-    """How many values each statistic is taken over, across the mapped ``axis_name`` too."""
-    size = math.prod(x.shape[a] for a in stat_axes)
-    if axis_name is not None:
-        size *= lax.psum(1, axis_name)  # the mapped axis size, a Python int at trace time
-    return size
-
-
-def check_batch(x: Array, stat_axes: tuple[int, ...], axis_name: AxisName, what: str) -> None:
-    """ValueError when training-mode batch statistics would be over a single value."""
-    if _values_per_statistic(x, stat_axes, axis_name) > 1:
-        return
-    if not stat_axes and axis_name is None:
-        where = "x has no axis besides the feature axes to take statistics over"
-    else:
-        mapped = "" if axis_name is None else f" (mapped axis {axis_name!r} included)"
-        where = f"the batch holds a single value per feature{mapped}"
-    raise ValueError(
-        f"{what} in training mode needs a batch to compute statistics over, but for x of "
-        f"shape {x.shape} {where}: a batch of one has nothing to normalize over. Expected "
-        "x of shape (N, ..., C) with N > 1 (or spatial axes). Use a larger batch, "
-        "batch_norm_eval with running statistics, or axis_name to share statistics "
-        "across a mapped axis."
-    )
-
-
-def _running_stats(stats, x, feature_axes, broadcast_shape) -> list[Array]:
-    """Checks ``stats`` and returns its mean and var reshaped to ``broadcast_shape``."""
-    if not isinstance(stats, RunningStats):
-        raise TypeError(f"Expected stats to be jaxbn.RunningStats, got {type(stats).__name__}.")
-    return per_feature(stats, ("mean", "var"), x, feature_axes, broadcast_shape, "running stats")
-
-
-def _checked(params, x, eps):
-    """The checks every norm starts with: params structure, floating input, eps."""
-    return as_params(params), check_input(x), check_eps(eps)
-
-
-def _batch_norm_layout(params, x, axis, eps, mask):
-    """Validates batch-norm arguments; returns what the core needs and the feature axes."""
-    params, x, eps = _checked(params, x, eps)
-    feature_axes, stat_axes, shape = feature_layout(x, axis)
-    gamma, beta = per_feature(params, ("gamma", "beta"), x, feature_axes, shape, "params")
-    mask = check_mask(mask, x, feature_axes)
-    return x, gamma, beta, stat_axes, eps, mask, feature_axes
 
 
 def batch_norm(
@@ -121,10 +75,11 @@ def batch_norm(
       >>> bool(jnp.allclose(y.mean(0), 0, atol=1e-6))
       True
     """
-    x, gamma, beta, stat_axes, eps, mask, _ = _batch_norm_layout(params, x, axis, eps, mask)
-    check_batch(x, stat_axes, axis_name, "batch_norm")
+    layout = batch_norm_layout(
+        params, x, axis=axis, eps=eps, mask=mask, axis_name=axis_name, training="batch_norm")
     return _core.normalize(
-        x, gamma, beta, stat_axes=stat_axes, eps=eps, axis_name=axis_name, mask=mask
+        layout.x, layout.gamma, layout.beta, stat_axes=layout.stat_axes, eps=layout.eps,
+        axis_name=axis_name, mask=layout.mask,
     )
 
 
@@ -155,24 +110,26 @@ def batch_norm_train(
       stats: :class:`RunningStats` with the feature shape.
       x, axis, eps, axis_name, mask: as in :func:`batch_norm`.
       momentum: in ``[0, 1]``; the weight of the old running value. May be a
-        traced value (e.g. a schedule under ``jit``); then it is not range-checked.
+        traced scalar (e.g. a schedule under ``jit``); then it is not range-checked.
 
     Returns:
       ``(y, new_stats)``.
     """
-    if isinstance(momentum, numbers.Real) and not 0.0 <= momentum <= 1.0:
-        raise ValueError(f"Expected momentum in [0, 1], got {momentum!r}.")
-    x, gamma, beta, stat_axes, eps, mask, feature_axes = _batch_norm_layout(
-        params, x, axis, eps, mask
-    )
-    check_batch(x, stat_axes, axis_name, "batch_norm_train")
-    running_mean, running_var = _running_stats(stats, x, feature_axes, gamma.shape)
+    momentum = check_momentum(momentum)
+    layout = batch_norm_layout(
+        params, x, axis=axis, eps=eps, mask=mask, axis_name=axis_name,
+        training="batch_norm_train")
+    x, mask, stat_axes = layout.x, layout.mask, layout.stat_axes
+    running_mean, running_var = running_stats(
+        stats, x, layout.feature_axes, layout.gamma.shape)
     y = _core.normalize(
-        x, gamma, beta, stat_axes=stat_axes, eps=eps, axis_name=axis_name, mask=mask
+        x, layout.gamma, layout.beta, stat_axes=stat_axes, eps=layout.eps,
+        axis_name=axis_name, mask=mask,
     )
     # The same statistics as inside the core, without gradient, from the same
     # (masked-zeroed) input, so that under jit XLA merges the two identical
-    # computations (checked: the same reductions in the HLO as batch_norm alone).
+    # computations: tests/test_hlo.py checks that batch_norm_train compiles to
+    # the same loops over x as batch_norm.
     mean, var, _ = _core.moments(
         lax.stop_gradient(_core.zero_masked(x, mask)), stat_axes, mask, axis_name)
     # In the running statistics' dtype even when momentum is traced (a float32 scalar).
@@ -208,11 +165,13 @@ def batch_norm_eval(
     Returns:
       ``y`` with ``x``'s shape and dtype.
     """
-    x, gamma, beta, _, eps, _, feature_axes = _batch_norm_layout(params, x, axis, eps, None)
-    mean, var = _running_stats(stats, x, feature_axes, gamma.shape)
+    layout = batch_norm_layout(params, x, axis=axis, eps=eps)
+    x = layout.x
+    mean, var = running_stats(stats, x, layout.feature_axes, layout.gamma.shape)
     dtype = _core.compute_dtype(x.dtype)
-    scale = lax.rsqrt(var.astype(dtype) + jnp.asarray(eps, dtype)) * gamma.astype(dtype)
-    y = (x.astype(dtype) - mean.astype(dtype)) * scale + beta.astype(dtype)
+    scale = lax.rsqrt(var.astype(dtype) + jnp.asarray(layout.eps, dtype))
+    scale = scale * layout.gamma.astype(dtype)
+    y = (x.astype(dtype) - mean.astype(dtype)) * scale + layout.beta.astype(dtype)
     return y.astype(x.dtype)
 
 
@@ -235,10 +194,10 @@ def layer_norm(
     Returns:
       ``y`` with ``x``'s shape and dtype.
     """
-    params, x, eps = _checked(params, x, eps)
+    params, x, eps = as_params(params), check_input(x), check_eps(eps)
     feature_axes, _, shape = feature_layout(x, axis)
     gamma, beta = per_feature(params, ("gamma", "beta"), x, feature_axes, shape, "params")
-    if _values_per_statistic(x, feature_axes, None) == 1:
+    if values_per_statistic(x, feature_axes, None) == 1:
         raise ValueError(
             f"layer_norm normalizes each example over its feature axes {feature_axes}, but "
             f"for x of shape {x.shape} they hold a single value, so every output would be "
@@ -264,22 +223,17 @@ def group_norm(params: Params, x: Array, num_groups: int, *, eps: float = 1e-5) 
     Returns:
       ``y`` with ``x``'s shape and dtype.
     """
-    params, x, eps = _checked(params, x, eps)
+    params, x, eps = as_params(params), check_input(x), check_eps(eps)
     if x.ndim < 2:
         raise ValueError(f"Expected x of rank >= 2, (N, ..., C), got shape {x.shape}.")
     channels = x.shape[-1]
-    if (not isinstance(num_groups, numbers.Integral) or isinstance(num_groups, bool)
-            or num_groups < 1 or channels % num_groups):
-        raise ValueError(
-            f"Expected num_groups to be a positive divisor of the number of channels "
-            f"C={channels}, got num_groups={num_groups!r}."
-        )
+    num_groups = check_num_groups(num_groups, channels)
     feature_axes = (x.ndim - 1,)
     gamma, beta = per_feature(params, ("gamma", "beta"), x, feature_axes, (channels,), "params")
     grouped = x.reshape(x.shape[:-1] + (num_groups, channels // num_groups))
     param_shape = (1,) * (x.ndim - 1) + (num_groups, channels // num_groups)
     stat_axes = tuple(range(1, x.ndim - 1)) + (x.ndim,)
-    if _values_per_statistic(grouped, stat_axes, None) == 1:
+    if values_per_statistic(grouped, stat_axes, None) == 1:
         raise ValueError(
             f"group_norm with num_groups={num_groups} for x of shape {x.shape} normalizes "
             "groups of a single value (one channel, no spatial axes), so every output "

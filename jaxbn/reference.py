@@ -20,8 +20,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from jaxbn._checks import Params, batch_norm_layout
 from jaxbn._core import AxisName, compute_dtype, vary_like
-from jaxbn._norms import Params, _batch_norm_layout, check_batch
 
 Array = jax.Array
 
@@ -52,8 +52,9 @@ def batch_norm_autodiff(
 
     Same arguments, conventions and result as :func:`jaxbn.batch_norm`.
     """
-    x, gamma, beta, stat_axes, eps, mask, _ = _batch_norm_layout(params, x, axis, eps, mask)
-    check_batch(x, stat_axes, axis_name, "batch_norm_autodiff")
+    x, gamma, beta, mask, stat_axes, _, eps = batch_norm_layout(
+        params, x, axis=axis, eps=eps, mask=mask, axis_name=axis_name,
+        training="batch_norm_autodiff")
     dtype = compute_dtype(x.dtype)
     xf = x.astype(dtype)
     keep = jnp.ones((), bool) if mask is None else mask
@@ -131,8 +132,9 @@ def batch_norm_staged(
     Same arguments, conventions and result as :func:`jaxbn.batch_norm`; it
     saves every intermediate of the forward pass for the backward pass.
     """
-    x, gamma, beta, stat_axes, eps, mask, _ = _batch_norm_layout(params, x, axis, eps, mask)
-    check_batch(x, stat_axes, axis_name, "batch_norm_staged")
+    x, gamma, beta, mask, stat_axes, _, eps = batch_norm_layout(
+        params, x, axis=axis, eps=eps, mask=mask, axis_name=axis_name,
+        training="batch_norm_staged")
     xf = x.astype(compute_dtype(x.dtype))
     if axis_name is not None:
         gamma, beta = vary_like((gamma, beta), xf)
