@@ -205,3 +205,53 @@ def test_traced_momentum_keeps_running_stats_dtype(dtype):
     stats = jaxbn.init_stats(3, dtype)
     _, new = jax.jit(jaxbn.batch_norm_train)(P3, stats, X, momentum=jnp.float32(0.9))
     assert new.mean.dtype == dtype and new.var.dtype == dtype
+
+
+@pytest.mark.parametrize("call", [
+    lambda: jaxbn.batch_norm(P3, X, eps=True),
+    lambda: jaxbn.layer_norm(P3, X, eps=np.bool_(True)),
+    lambda: jaxbn.batch_norm(P3, X, eps=float("inf")),
+], ids=["bool", "numpy-bool", "inf"])
+def test_eps_bool_or_infinite_rejected(call):
+    with pytest.raises(ValueError, match=r"eps to be a non-negative Python number.*not a bool"):
+        call()
+
+
+@pytest.mark.parametrize("momentum", [
+    True, False, jnp.asarray(1.5), np.float64(-0.1), jnp.asarray([0.9, 0.9]),
+    jnp.asarray(True), "0.9",
+], ids=["True", "False", "jnp-1.5", "np-negative", "vector", "jnp-bool", "str"])
+def test_momentum_bool_or_out_of_range_array_rejected(momentum):
+    with pytest.raises(ValueError, match=r"momentum"):
+        jaxbn.batch_norm_train(P3, S3, X, momentum=momentum)
+
+
+def test_momentum_concrete_array_in_range_accepted():
+    _, from_array = jaxbn.batch_norm_train(P3, S3, X, momentum=jnp.asarray(0.5))
+    _, from_float = jaxbn.batch_norm_train(P3, S3, X, momentum=0.5)
+    np.testing.assert_array_equal(from_array.var, from_float.var)
+    jaxbn.batch_norm_train(P3, S3, X, momentum=1)  # ints 0 and 1 are in range
+
+
+def test_traced_non_scalar_momentum_rejected():
+    with pytest.raises(ValueError, match=r"momentum to be a floating scalar, got float32\[2\]"):
+        jax.jit(jaxbn.batch_norm_train)(P3, S3, X, momentum=jnp.ones(2))
+
+
+def test_traced_num_groups_says_to_mark_it_static():
+    x8 = np.random.default_rng(1).normal(size=(2, 3, 3, 8)).astype(np.float32)
+    with pytest.raises(TypeError, match=r"num_groups.*static_argnames=\('num_groups',\)"):
+        jax.jit(jaxbn.group_norm)(jaxbn.init(8), x8, 2)
+    static = jax.jit(jaxbn.group_norm, static_argnames=("num_groups",))
+    np.testing.assert_allclose(static(jaxbn.init(8), x8, 2), jaxbn.group_norm(jaxbn.init(8), x8, 2),
+                               rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("fn", [
+    lambda x: jaxbn.batch_norm(P3, x),
+    lambda x: jaxbn.batch_norm_train(P3, S3, x),
+    lambda x: batch_norm_autodiff(P3, x),
+], ids=["batch_norm", "train", "autodiff"])
+def test_empty_batch_says_empty(fn):
+    with pytest.raises(ValueError, match=r"shape \(0, 3\) the batch is empty"):
+        fn(X[:0])
