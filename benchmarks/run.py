@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import math
 import os
@@ -21,11 +22,13 @@ import platform
 import statistics
 import sys
 import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from jaxbn.compare import time_interleaved
+from benchmarks.common import time_interleaved
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -70,29 +73,25 @@ def _machine() -> dict:
     }
 
 
-def _inputs(shape, dtype, seed=0):
-    import jax.numpy as jnp
+def _interleaved(
+    calls: Mapping[str, Callable[[], Any]], budget_s: float, min_repeats: int, max_repeats: int
+) -> tuple[dict[str, float], int]:
+    """Median seconds per zero-argument call (:func:`time_interleaved`) and the repeats used.
 
-    rng = np.random.default_rng(seed)
-    x = rng.standard_normal(shape, np.float32) * 2 + 0.5
-    dy = rng.standard_normal(shape, np.float32)
-    gamma = 1 + 0.1 * rng.standard_normal(shape[-1], np.float32)
-    beta = rng.standard_normal(shape[-1], np.float32)
-    return tuple(jnp.asarray(a, dtype) for a in (x, gamma, beta, dy))
-
-
-def _interleaved(calls: dict, args, budget_s: float, min_repeats: int, max_repeats: int):
-    """Median seconds per call, round-robin with a rotating first caller."""
+    Each call is made twice first (compilation happened before): the second
+    call's time, summed over the calls, sets how many rounds fit in ``budget_s``,
+    clamped to ``[min_repeats, max_repeats]``.
+    """
     import jax
 
     estimate = 0.0
-    for fn in calls.values():  # warm-up (compilation happened before)
-        jax.block_until_ready(fn(*args))
+    for call in calls.values():
+        jax.block_until_ready(call())
         start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
+        jax.block_until_ready(call())
         estimate += time.perf_counter() - start
     repeats = int(min(max_repeats, max(min_repeats, budget_s / max(estimate, 1e-9))))
-    return time_interleaved(calls, args, repeats, warmup=0), repeats
+    return time_interleaved(calls, repeats, warmup=0), repeats
 
 
 def bench_case(shape, dtype_name, fns, budget_s, min_repeats, max_repeats):
@@ -102,11 +101,12 @@ def bench_case(shape, dtype_name, fns, budget_s, min_repeats, max_repeats):
     from benchmarks import impls
 
     dtype = jnp.dtype(dtype_name)
-    x, gamma, beta, dy = _inputs(shape, dtype)
+    args = impls.make_inputs(shape, dtype)
+    x, gamma, beta, _ = args
     calls, memory = {}, {}
     for name, apply in fns.items():
-        compiled = jax.jit(impls.fwd_bwd(apply)).lower(x, gamma, beta, dy).compile()
-        calls[name] = compiled
+        compiled = jax.jit(impls.fwd_bwd(apply)).lower(*args).compile()
+        calls[name] = functools.partial(compiled, *args)
         analysis = compiled.memory_analysis()
         total, beyond_x = impls.residual_bytes(apply, x, gamma, beta)
         memory[name] = {
@@ -114,10 +114,9 @@ def bench_case(shape, dtype_name, fns, budget_s, min_repeats, max_repeats):
             "residual_bytes_beyond_x": beyond_x,
             "temp_bytes": None if analysis is None else int(analysis.temp_size_in_bytes),
         }
-    calls["pass"] = jax.jit(impls.elementwise_pass).lower(x, gamma, beta, dy).compile()
-    medians, repeats = _interleaved(
-        calls, (x, gamma, beta, dy), budget_s, min_repeats, max_repeats
-    )
+    calls["pass"] = functools.partial(
+        jax.jit(impls.elementwise_pass).lower(*args).compile(), *args)
+    medians, repeats = _interleaved(calls, budget_s, min_repeats, max_repeats)
     base, one_pass = medians["jaxbn"], medians["pass"]
     x_bytes = x.size * dtype.itemsize
     out = {"shape": list(shape), "dtype": dtype_name, "elements": int(x.size),
