@@ -347,20 +347,22 @@ PASS_EXPLAINED = (
 )
 
 
-def _suptitle(fig, result, title: str) -> float:
-    """``title`` over the figure, and the result's title note (if any) in red beneath it.
+def _finish(fig, result, title: str, path: Path, bottom: float = 0.0) -> None:
+    """Titles the figure, with the result's title note (if any) in red beneath,
+    lays it out above ``bottom`` (a figure fraction) and saves it to ``path``."""
+    import matplotlib.pyplot as plt
 
-    Returns the figure fraction left below them, for ``tight_layout(rect=...)``.
-    """
     height = fig.get_figheight()
     fig.suptitle(title, fontsize=13, fontweight="bold", y=1 - 0.12 / height, va="top")
-    used = 0.4
+    used = 0.4  # inches taken by the titles
     note = result.get("title_note")
     if note:
         fig.text(0.5, 1 - 0.42 / height, note, ha="center", va="top", fontsize=12,
                  color="firebrick", fontweight="bold")
         used = 0.65
-    return 1 - used / height
+    fig.tight_layout(rect=(0, bottom, 1, 1 - used / height))
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 def _plot_shapes(ax, cases, value, color, marker, label, linestyle="-") -> None:
@@ -418,11 +420,9 @@ def make_plots(result, out_dir: Path, suffix: str) -> dict:
         for ax in (time_ax, ratio_ax):
             ax.set_xscale("log")
             ax.grid(True, which="both", alpha=0.3)
-    top = _suptitle(fig, result, f"Batch norm forward+backward under jax.jit, {machine}")
-    fig.tight_layout(rect=(0, 0, 1, top))
     time_file = f"time_vs_size{suffix}.png"
-    fig.savefig(out_dir / time_file, dpi=100)
-    plt.close(fig)
+    _finish(fig, result, f"Batch norm forward+backward under jax.jit, {machine}",
+            out_dir / time_file)
 
     fig, axes = plt.subplots(1, 2, figsize=(13, 5.8))
     width = 0.8 / len(dtypes)
@@ -448,12 +448,10 @@ def make_plots(result, out_dir: Path, suffix: str) -> dict:
     for ax in axes:
         ax.set_ylim(top=ax.get_ylim()[1] * 1.25)  # room for the legend above the bars
         ax.legend(fontsize=9, loc="upper center", ncol=3)
-    top = _suptitle(fig, result, f"Geometric means over shapes ({counts}), {machine}")
     fig.text(0.5, 0.01, PASS_EXPLAINED, ha="center", va="bottom", fontsize=9)
-    fig.tight_layout(rect=(0, 0.04, 1, top))
     ratio_file = f"ratios{suffix}.png"
-    fig.savefig(out_dir / ratio_file, dpi=100)
-    plt.close(fig)
+    _finish(fig, result, f"Geometric means over shapes ({counts}), {machine}",
+            out_dir / ratio_file, bottom=0.04)
     return {"time vs size": time_file, "ratios": ratio_file}
 
 
