@@ -56,6 +56,7 @@ LABELS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The command line of ``python -m benchmarks.compare`` (numbers checked by type)."""
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks.compare",
         description=(
