@@ -78,10 +78,13 @@ def test_quick_runs_default_to_a_git_ignored_directory():
         f"expected {run.RESULTS_DIR} to be tracked, not ignored")
 
 
-def test_missing_flax_is_named_with_the_bench_extra(monkeypatch):
+def test_installed_flax_is_measured():
     pytest.importorskip("flax.linen")
     fns, notes = run.choose_implementations(include_flax=True)
-    assert "flax" in fns and notes == []
+    assert set(fns) == IMPLS | {"flax"} and notes == []
+
+
+def test_missing_flax_is_named_with_the_bench_extra(monkeypatch):
     _block_flax(monkeypatch)
     fns, notes = run.choose_implementations(include_flax=True)
     assert set(fns) == IMPLS
