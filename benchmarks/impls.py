@@ -3,14 +3,18 @@
 Every step has the signature ``step(x, gamma, beta, dy) -> (y, dx, dgamma, dbeta)``:
 one training-mode forward pass and the VJP with cotangent ``dy`` (the output
 ``y`` is returned too, as a training step would feed it to the next layer).
+:func:`make_inputs` draws those four arguments and :func:`fwd_bwd` builds the
+step; ``python -m benchmarks`` and ``python -m benchmarks.compare`` both use them.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 import jaxbn
 from jaxbn import reference
@@ -26,9 +30,33 @@ LABELS = {
 }
 
 
-def _functional(fn: Callable) -> Callable:
+def make_inputs(shape: tuple[int, ...], dtype: Any, seed: int = 0) -> tuple[jax.Array, ...]:
+    """``(x, gamma, beta, dy)`` for a step, features last, drawn from ``seed``.
+
+    Drawn in float64 for float64 and in float32 otherwise (the largest
+    benchmark shapes would need gigabytes in float64), then cast to ``dtype``:
+    ``x ~ 2 N(0, 1) + 0.5``, ``gamma ~ 1 + 0.5 N(0, 1)``, ``beta, dy ~ N(0, 1)``.
+    """
+    dtype = jnp.dtype(dtype)
+    draw = np.float64 if dtype == jnp.float64 else np.float32
+    rng = np.random.default_rng(seed)
+    features = shape[-1]
+    x = rng.standard_normal(shape, draw) * 2 + 0.5
+    gamma = 1 + 0.5 * rng.standard_normal(features, draw)
+    beta = rng.standard_normal(features, draw)
+    dy = rng.standard_normal(shape, draw)
+    return tuple(jnp.asarray(a, dtype) for a in (x, gamma, beta, dy))
+
+
+def functional(fn: Callable, eps: float = EPS) -> Callable:
+    """``apply(x, gamma, beta) -> fn({"gamma": gamma, "beta": beta}, x, eps=eps)``.
+
+    Adapts a jaxbn-style ``fn(params, x, *, eps)`` (:func:`jaxbn.batch_norm`,
+    the :mod:`jaxbn.reference` functions) to the argument order of :func:`fwd_bwd`.
+    """
+
     def apply(x, gamma, beta):
-        return fn({"gamma": gamma, "beta": beta}, x, eps=EPS)
+        return fn({"gamma": gamma, "beta": beta}, x, eps=eps)
 
     return apply
 
@@ -58,9 +86,9 @@ def _flax_apply() -> Callable | None:
 def forward_functions(include_flax: bool = True) -> dict[str, Callable]:
     """name -> ``apply(x, gamma, beta) -> y`` (training mode, batch statistics)."""
     fns = {
-        "jaxbn": _functional(jaxbn.batch_norm),
-        "staged": _functional(reference.batch_norm_staged),
-        "autodiff": _functional(reference.batch_norm_autodiff),
+        "jaxbn": functional(jaxbn.batch_norm),
+        "staged": functional(reference.batch_norm_staged),
+        "autodiff": functional(reference.batch_norm_autodiff),
     }
     flax_fn = _flax_apply() if include_flax else None
     if flax_fn is not None:

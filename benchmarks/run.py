@@ -6,14 +6,17 @@ bandwidth reference) are called round-robin, the first one rotating each
 round; each gets the median of its calls. Every number reported is a ratio
 to jaxbn (or to the bandwidth reference) measured in the same round-robin.
 
-Writes ``benchmarks/results/``: ``results.json``, ``RESULTS.md`` and two plots
-(``--quick`` writes ``*-quick`` files instead, leaving the full results alone).
+Writes ``benchmarks/results/``: ``results.json``, ``RESULTS.md`` and two plots.
+``--quick`` writes ``*-quick`` files into the git-ignored
+``benchmarks/results-quick/`` instead (``--out`` chooses another directory),
+leaving the full results alone.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import math
 import os
@@ -21,13 +24,19 @@ import platform
 import statistics
 import sys
 import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from jaxbn.compare import time_interleaved
+from benchmarks.common import positive_float, time_interleaved
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS_DIR = ROOT / "benchmarks" / "results"
+QUICK_DIR = ROOT / "benchmarks" / "results-quick"  # listed in .gitignore
+FLAX_MISSING = ("flax not installed: the Flax column is left out; "
+                "pip install -e '.[bench]' adds it")
 
 ND_SHAPES = [
     (64, 64), (256, 256), (256, 1024), (1024, 1024), (4096, 1024), (16384, 1024),
@@ -70,29 +79,25 @@ def _machine() -> dict:
     }
 
 
-def _inputs(shape, dtype, seed=0):
-    import jax.numpy as jnp
+def _interleaved(
+    calls: Mapping[str, Callable[[], Any]], budget_s: float, min_repeats: int, max_repeats: int
+) -> tuple[dict[str, float], int]:
+    """Median seconds per zero-argument call (:func:`time_interleaved`) and the repeats used.
 
-    rng = np.random.default_rng(seed)
-    x = rng.standard_normal(shape, np.float32) * 2 + 0.5
-    dy = rng.standard_normal(shape, np.float32)
-    gamma = 1 + 0.1 * rng.standard_normal(shape[-1], np.float32)
-    beta = rng.standard_normal(shape[-1], np.float32)
-    return tuple(jnp.asarray(a, dtype) for a in (x, gamma, beta, dy))
-
-
-def _interleaved(calls: dict, args, budget_s: float, min_repeats: int, max_repeats: int):
-    """Median seconds per call, round-robin with a rotating first caller."""
+    Each call is made twice first (compilation happened before): the second
+    call's time, summed over the calls, sets how many rounds fit in ``budget_s``,
+    clamped to ``[min_repeats, max_repeats]``.
+    """
     import jax
 
     estimate = 0.0
-    for fn in calls.values():  # warm-up (compilation happened before)
-        jax.block_until_ready(fn(*args))
+    for call in calls.values():
+        jax.block_until_ready(call())
         start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
+        jax.block_until_ready(call())
         estimate += time.perf_counter() - start
     repeats = int(min(max_repeats, max(min_repeats, budget_s / max(estimate, 1e-9))))
-    return time_interleaved(calls, args, repeats, warmup=0), repeats
+    return time_interleaved(calls, repeats, warmup=0), repeats
 
 
 def bench_case(shape, dtype_name, fns, budget_s, min_repeats, max_repeats):
@@ -102,11 +107,12 @@ def bench_case(shape, dtype_name, fns, budget_s, min_repeats, max_repeats):
     from benchmarks import impls
 
     dtype = jnp.dtype(dtype_name)
-    x, gamma, beta, dy = _inputs(shape, dtype)
+    args = impls.make_inputs(shape, dtype)
+    x, gamma, beta, _ = args
     calls, memory = {}, {}
     for name, apply in fns.items():
-        compiled = jax.jit(impls.fwd_bwd(apply)).lower(x, gamma, beta, dy).compile()
-        calls[name] = compiled
+        compiled = jax.jit(impls.fwd_bwd(apply)).lower(*args).compile()
+        calls[name] = functools.partial(compiled, *args)
         analysis = compiled.memory_analysis()
         total, beyond_x = impls.residual_bytes(apply, x, gamma, beta)
         memory[name] = {
@@ -114,10 +120,9 @@ def bench_case(shape, dtype_name, fns, budget_s, min_repeats, max_repeats):
             "residual_bytes_beyond_x": beyond_x,
             "temp_bytes": None if analysis is None else int(analysis.temp_size_in_bytes),
         }
-    calls["pass"] = jax.jit(impls.elementwise_pass).lower(x, gamma, beta, dy).compile()
-    medians, repeats = _interleaved(
-        calls, (x, gamma, beta, dy), budget_s, min_repeats, max_repeats
-    )
+    calls["pass"] = functools.partial(
+        jax.jit(impls.elementwise_pass).lower(*args).compile(), *args)
+    medians, repeats = _interleaved(calls, budget_s, min_repeats, max_repeats)
     base, one_pass = medians["jaxbn"], medians["pass"]
     x_bytes = x.size * dtype.itemsize
     out = {"shape": list(shape), "dtype": dtype_name, "elements": int(x.size),
@@ -196,6 +201,13 @@ def _load_text(load) -> str:
     return "unknown" if load is None else f"{load:.1f}"
 
 
+def _load_remark(load) -> str:
+    """A warning after the load average when other jobs were running (or it is unknown)."""
+    if load is not None and load < 0.5:
+        return ""
+    return " (other jobs may have shared the machine: timings are noisier)"
+
+
 def geomean(values):
     values = [v for v in values if v is not None]
     if not values:
@@ -230,14 +242,16 @@ def write_markdown(result, path: Path, plots: dict):
 
     m = result["machine"]
     v = m["versions"]
-    lines = [
-        "# jaxbn benchmark results",
-        "",
+    lines = ["# jaxbn benchmark results", ""]
+    if result.get("title_note"):
+        lines += [f"**{result['title_note']}**", ""]
+    lines += [f"- note: {note}" for note in result.get("notes", [])]
+    lines += [
         f"- date: {m['date_utc']}; command: `{result['command']}`",
         f"- machine: {m['cpu']}, {m['cores']} cores, backend {m['backend']} "
         f"({len(m['devices'])} device); 1-min load average at start "
-        f"{_load_text(m['load_average_1min_at_start'])} (other jobs shared the machine: "
-        "timings are noisy)",
+        f"{_load_text(m['load_average_1min_at_start'])}"
+        f"{_load_remark(m['load_average_1min_at_start'])}",
         f"- versions: python {v['python']}, jax {v['jax']}, jaxlib {v['jaxlib']}, "
         f"numpy {v['numpy']}, flax {v['flax']}",
         "- method: forward+backward (`jax.vjp`, output and all three gradients returned) "
@@ -327,7 +341,46 @@ def write_markdown(result, path: Path, plots: dict):
     path.write_text("\n".join(lines) + "\n")
 
 
+PASS_EXPLAINED = (
+    "elementwise pass = time of one fused x*dy + x over arrays of x's shape and dtype "
+    "(reads two arrays, writes one): the memory-bandwidth yardstick"
+)
+
+
+def _finish(fig, result, title: str, path: Path, bottom: float = 0.0) -> None:
+    """Titles the figure, with the result's title note (if any) in red beneath,
+    lays it out above ``bottom`` (a figure fraction) and saves it to ``path``."""
+    import matplotlib.pyplot as plt
+
+    height = fig.get_figheight()
+    fig.suptitle(title, fontsize=13, fontweight="bold", y=1 - 0.12 / height, va="top")
+    used = 0.4  # inches taken by the titles
+    note = result.get("title_note")
+    if note:
+        fig.text(0.5, 1 - 0.42 / height, note, ha="center", va="top", fontsize=12,
+                 color="firebrick", fontweight="bold")
+        used = 0.65
+    fig.tight_layout(rect=(0, bottom, 1, 1 - used / height))
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _plot_shapes(ax, cases, value, color, marker, label, linestyle="-") -> None:
+    """``value(case)`` against elements: (N, D) shapes as a line with filled markers,
+    NHWC shapes as hollow markers (a conv shape can have as many elements as another)."""
+    nd = [c for c in cases if len(c["shape"]) == 2]
+    conv = [c for c in cases if len(c["shape"]) != 2]
+    ax.plot([c["elements"] for c in nd], [value(c) for c in nd], color=color, marker=marker,
+            linestyle=linestyle, label=label)
+    ax.plot([c["elements"] for c in conv], [value(c) for c in conv], color=color,
+            marker=marker, mfc="none", linestyle="none", markersize=8)
+
+
 def make_plots(result, out_dir: Path, suffix: str) -> dict:
+    """Writes ``time_vs_size{suffix}.png`` and ``ratios{suffix}.png``; returns title -> file.
+
+    Returns ``{}`` (and draws nothing) without matplotlib.
+    """
     try:
         import matplotlib
 
@@ -339,44 +392,66 @@ def make_plots(result, out_dir: Path, suffix: str) -> dict:
 
     dtypes = list(result["summary"])
     names = list(result["cases"][0]["impls"])
-    fig, axes = plt.subplots(1, len(dtypes), figsize=(6 * len(dtypes), 4.5), squeeze=False)
-    for ax, dtype_name in zip(axes[0], dtypes):
+    machine = f"{result['machine']['cores']}-core {result['machine']['backend'].upper()}"
+    markers = dict(zip(names, "osD^v"))
+    colors = dict(zip(names, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
+
+    fig, axes = plt.subplots(2, len(dtypes), figsize=(7 * len(dtypes), 9.5), squeeze=False,
+                             sharex="col", gridspec_kw={"height_ratios": [3, 2]})
+    for col, dtype_name in enumerate(dtypes):
         rows = sorted((c for c in result["cases"] if c["dtype"] == dtype_name),
                       key=lambda c: c["elements"])
-        xs = [c["elements"] for c in rows]
+        time_ax, ratio_ax = axes[0][col], axes[1][col]
         for n in names:
-            ax.plot(xs, [c["impls"][n]["median_s"] * 1e3 for c in rows], "o-", label=LABELS[n])
-        ax.plot(xs, [c["pass_s"] * 1e3 for c in rows], "k--", label="one elementwise pass")
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.set_xlabel("elements in x")
-        ax.set_ylabel("forward+backward time (ms)")
-        ax.set_title(f"{dtype_name}, {result['machine']['cores']}-core CPU")
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
+            for ax, value in ((time_ax, lambda c, n=n: c["impls"][n]["median_s"] * 1e3),
+                              (ratio_ax, lambda c, n=n: c["impls"][n]["ratio_to_jaxbn"])):
+                _plot_shapes(ax, rows, value, colors[n], markers[n], LABELS[n])
+        _plot_shapes(time_ax, rows, lambda c: c["pass_s"] * 1e3, "k", "x",
+                     "one elementwise pass (x*dy + x)", linestyle="--")
+        time_ax.plot([], [], "o", color="gray", mfc="none",
+                     label="hollow markers: NHWC conv shapes")
+        time_ax.set_yscale("log")
+        time_ax.set_ylabel("forward+backward time (ms, log scale)")
+        time_ax.set_title(f"{dtype_name}: time per call (lower is better)")
+        time_ax.legend(fontsize=9)
+        ratio_ax.set_ylabel("time / jaxbn's time")
+        ratio_ax.set_title(f"{dtype_name}: time relative to jaxbn, per shape (lower is better)")
+        ratio_ax.set_xlabel("elements in x (log scale)")
+        for ax in (time_ax, ratio_ax):
+            ax.set_xscale("log")
+            ax.grid(True, which="both", alpha=0.3)
     time_file = f"time_vs_size{suffix}.png"
-    fig.savefig(out_dir / time_file, dpi=110)
-    plt.close(fig)
+    _finish(fig, result, f"Batch norm forward+backward under jax.jit, {machine}",
+            out_dir / time_file)
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5.8))
     width = 0.8 / len(dtypes)
     for k, dtype_name in enumerate(dtypes):
         s = result["summary"][dtype_name]
         pos = np.arange(len(names)) + (k - (len(dtypes) - 1) / 2) * width
-        axes[0].bar(pos, [s[n]["ratio_to_jaxbn"] for n in names], width, label=dtype_name)
-        axes[1].bar(pos, [s[n]["passes"] for n in names], width, label=dtype_name)
-    for ax, ylabel in zip(axes, ("time / jaxbn time (geomean)", "elementwise passes (geomean)")):
+        for ax, key in zip(axes, ("ratio_to_jaxbn", "passes")):
+            bars = ax.bar(pos, [s[n][key] for n in names], width, label=dtype_name)
+            ax.bar_label(bars, fmt="%.2f", fontsize=8)
+    counts = ", ".join(f"{result['counts'][d]} {d}" for d in dtypes)
+    titles = ("Time relative to jaxbn (lower is better)",
+              "Elementwise passes (lower is better)")
+    ylabels = ("forward+backward time / jaxbn's time", "time / one elementwise pass")
+    for ax, title, ylabel in zip(axes, titles, ylabels):
+        ax.set_title(title)
         ax.set_xticks(np.arange(len(names)))
-        ax.set_xticklabels([n for n in names], rotation=0)
+        ax.set_xticklabels([LABELS[n].replace(" (", "\n(").replace(" of ", "\nof ")
+                            for n in names], fontsize=8)
         ax.set_ylabel(ylabel)
         ax.grid(True, axis="y", alpha=0.3)
-        ax.legend()
     axes[0].axhline(1.0, color="k", lw=0.8)
-    fig.tight_layout()
+    axes[1].axhline(3.0, color="firebrick", ls="--", lw=1, label="target for jaxbn: <= 3.0")
+    for ax in axes:
+        ax.set_ylim(top=ax.get_ylim()[1] * 1.25)  # room for the legend above the bars
+        ax.legend(fontsize=9, loc="upper center", ncol=3)
+    fig.text(0.5, 0.01, PASS_EXPLAINED, ha="center", va="bottom", fontsize=9)
     ratio_file = f"ratios{suffix}.png"
-    fig.savefig(out_dir / ratio_file, dpi=110)
-    plt.close(fig)
+    _finish(fig, result, f"Geometric means over shapes ({counts}), {machine}",
+            out_dir / ratio_file, bottom=0.04)
     return {"time vs size": time_file, "ratios": ratio_file}
 
 
@@ -401,7 +476,12 @@ def targets(summary) -> list:
     return out
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
+    """The command line of ``python -m benchmarks``, with ``--out`` resolved.
+
+    ``--out`` defaults to :data:`RESULTS_DIR`, or with ``--quick`` to the
+    git-ignored :data:`QUICK_DIR`, so a smoke test leaves the tracked results alone.
+    """
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks",
         description="Speed and memory of jaxbn vs staged, autodiff and Flax batch norm.",
@@ -410,31 +490,66 @@ def main(argv=None) -> int:
                         help="a few shapes and a short time budget (smoke test, ~1 minute)")
     parser.add_argument("--dtype", action="append", choices=("float32", "bfloat16"),
                         help="repeatable; default: float32 and bfloat16")
-    parser.add_argument("--budget", type=float, default=None,
+    parser.add_argument("--budget", type=positive_float, default=None,
                         help="seconds of timed calls per shape and dtype (default 8, quick 1)")
     parser.add_argument("--no-flax", action="store_true", help="leave Flax out")
-    parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="results directory")
+    parser.add_argument(
+        "--out", type=Path, default=None,
+        help=f"results directory (default: {RESULTS_DIR.relative_to(ROOT)}, with --quick the "
+        f"git-ignored {QUICK_DIR.relative_to(ROOT)})")
     parser.add_argument("--render", action="store_true",
                         help="measure nothing: redraw RESULTS.md and the plots from results.json")
+    parser.add_argument(
+        "--title-note", default=None, metavar="TEXT",
+        help="a line shown under the plot titles and the report's heading, e.g. 'before "
+        "optimization'; stored in results.json (with --render too), so later renders keep it")
     args = parser.parse_args(argv)
+    if args.out is None:
+        args.out = QUICK_DIR if args.quick else RESULTS_DIR
+    return args
+
+
+def choose_implementations(include_flax: bool) -> tuple[dict, list[str]]:
+    """The forward functions to measure, and notes for the report on what is left out."""
+    from benchmarks.impls import forward_functions
+
+    fns = forward_functions(include_flax=include_flax)
+    notes = [FLAX_MISSING] if include_flax and "flax" not in fns else []
+    return fns, notes
+
+
+def _render(args: argparse.Namespace, suffix: str) -> None:
+    """``--render``: RESULTS.md and the plots again from results.json (with ``--title-note``
+    stored into it first)."""
+    json_path = args.out / f"results{suffix}.json"
+    result = json.loads(json_path.read_text())
+    if args.title_note is not None:
+        result["title_note"] = args.title_note
+        json_path.write_text(json.dumps(result, indent=2) + "\n")
+    plots = make_plots(result, args.out, suffix)
+    write_markdown(result, args.out / f"RESULTS{suffix}.md", plots)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     suffix = "-quick" if args.quick else ""
     if args.render:
-        result = json.loads((args.out / f"results{suffix}.json").read_text())
-        plots = make_plots(result, args.out, suffix)
-        write_markdown(result, args.out / f"RESULTS{suffix}.md", plots)
+        _render(args, suffix)
         return 0
-
-    from benchmarks.impls import forward_functions
 
     dtypes = args.dtype or ["float32", "bfloat16"]
     shapes = QUICK_SHAPES if args.quick else ND_SHAPES + CONV_SHAPES
     budget = args.budget if args.budget is not None else (1.0 if args.quick else 8.0)
-    fns = forward_functions(include_flax=not args.no_flax)
+    fns, notes = choose_implementations(include_flax=not args.no_flax)
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr, flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
 
     result = {"command": ("python -m benchmarks " + " ".join(argv if argv is not None
                                                               else sys.argv[1:])).strip(),
-              "machine": _machine(), "cases": []}
+              "machine": _machine(), "notes": notes, "cases": []}
+    if args.title_note is not None:
+        result["title_note"] = args.title_note
     start = time.perf_counter()
     for dtype_name in dtypes:
         for shape in shapes:

@@ -1,4 +1,5 @@
-"""`python -m benchmarks` runs end to end (tiny budget) and its report is self-consistent.
+"""`python -m benchmarks`: its report is self-consistent, quick runs stay out of git,
+a missing Flax is reported, and the shared timer times what it is given.
 
 Speed is not asserted: only that every implementation was timed, ratios are
 against jaxbn from the same run, and --render redraws the same report.
@@ -6,17 +7,34 @@ against jaxbn from the same run, and --render redraws the same report.
 
 import json
 import math
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
-from benchmarks import run
+import pytest
+
+from benchmarks import common, run
 
 IMPLS = {"jaxbn", "staged", "autodiff"}
 
 
-def test_quick_run_writes_consistent_results(tmp_path):
+def _block_flax(monkeypatch):
+    """Makes ``import flax`` (and ``import flax.linen``) fail as if flax were not installed."""
+    for name in [m for m in sys.modules if m == "flax" or m.startswith("flax.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "flax", None)
+
+
+@pytest.mark.slow
+def test_quick_run_writes_consistent_results(tmp_path, monkeypatch, capsys):
+    _block_flax(monkeypatch)
     out = tmp_path / "results"
-    argv = ["--quick", "--no-flax", "--dtype", "float32", "--budget", "0.2", "--out", str(out)]
+    argv = ["--quick", "--dtype", "float32", "--budget", "0.2", "--out", str(out)]
     assert run.main(argv) == 0
+    assert f"note: {run.FLAX_MISSING}" in capsys.readouterr().err
     result = json.loads((out / "results-quick.json").read_text())
+    assert result["notes"] == [run.FLAX_MISSING]
     assert result["cases"] and all(c["dtype"] == "float32" for c in result["cases"])
     for case in result["cases"]:
         assert set(case["impls"]) == IMPLS
@@ -30,10 +48,82 @@ def test_quick_run_writes_consistent_results(tmp_path):
     assert headline["dx_difference"] < 1e-12 and headline["speedup"] > 0
     report = (out / "RESULTS-quick.md").read_text()
     assert "## Targets" in report and "jaxbn" in report
+    assert f"- note: {run.FLAX_MISSING}" in report
     assert run.main(["--quick", "--render", "--out", str(out)]) == 0
     assert (out / "RESULTS-quick.md").read_text() == report
+    # --title-note is drawn, written into the report and kept in results.json.
+    assert run.main(["--quick", "--render", "--out", str(out), "--title-note", "BEFORE"]) == 0
+    assert json.loads((out / "results-quick.json").read_text())["title_note"] == "BEFORE"
+    assert run.main(["--quick", "--render", "--out", str(out)]) == 0
+    assert "**BEFORE**" in (out / "RESULTS-quick.md").read_text()
+    for png in ("time_vs_size-quick.png", "ratios-quick.png"):
+        assert (out / png).stat().st_size > 0
+
+
+def test_quick_runs_default_to_a_git_ignored_directory():
+    assert run.parse_args([]).out == run.RESULTS_DIR
+    assert run.parse_args(["--quick"]).out == run.QUICK_DIR
+    assert run.parse_args(["--quick", "--out", "elsewhere"]).out == Path("elsewhere")
+    if shutil.which("git") is None:
+        pytest.skip("git is not installed")
+
+    def ignored(path: Path) -> int:
+        return subprocess.run(["git", "check-ignore", "-q", str(path)], cwd=run.ROOT).returncode
+
+    if ignored(run.ROOT / "README.md") == 128:
+        pytest.skip(f"{run.ROOT} is not a git checkout")
+    assert ignored(run.QUICK_DIR / "results-quick.json") == 0, (
+        f"expected {run.QUICK_DIR} to be listed in .gitignore")
+    assert ignored(run.RESULTS_DIR / "results.json") == 1, (
+        f"expected {run.RESULTS_DIR} to be tracked, not ignored")
+
+
+def test_installed_flax_is_measured():
+    pytest.importorskip("flax.linen")
+    fns, notes = run.choose_implementations(include_flax=True)
+    assert set(fns) == IMPLS | {"flax"} and notes == []
+
+
+def test_missing_flax_is_named_with_the_bench_extra(monkeypatch):
+    _block_flax(monkeypatch)
+    fns, notes = run.choose_implementations(include_flax=True)
+    assert set(fns) == IMPLS
+    assert notes == [run.FLAX_MISSING]
+    assert "flax not installed" in notes[0] and "pip install -e '.[bench]'" in notes[0]
+    # --no-flax leaves Flax out on purpose: nothing to note.
+    fns, notes = run.choose_implementations(include_flax=False)
+    assert set(fns) == IMPLS and notes == []
+
+
+def test_report_shows_title_note_and_notes(tmp_path):
+    result = json.loads((run.RESULTS_DIR / "results.json").read_text())
+    result["title_note"] = "BEFORE OPTIMIZATION"
+    result["notes"] = [run.FLAX_MISSING]
+    run.write_markdown(result, tmp_path / "RESULTS.md", {})
+    lines = (tmp_path / "RESULTS.md").read_text().splitlines()
+    assert lines[:4] == ["# jaxbn benchmark results", "", "**BEFORE OPTIMIZATION**", ""]
+    assert lines[4] == f"- note: {run.FLAX_MISSING}"
 
 
 def test_unknown_load_average_is_reported_not_crashed():
     assert run._load_text(None) == "unknown"
     assert run._load_text(1.234) == "1.2"
+    assert run._load_remark(None) and run._load_remark(1.5)
+    assert run._load_remark(0.1) == ""
+
+
+def test_time_interleaved_calls_each_warmup_plus_repeats_times_in_rotation():
+    order = []
+    calls = {name: (lambda name=name: order.append(name)) for name in "abc"}
+    medians = common.time_interleaved(calls, 4, warmup=2)
+    assert set(medians) == set("abc") and all(t >= 0 for t in medians.values())
+    assert order[:6] == list("aabbcc")  # warm-up, each in turn
+    assert order[6:] == list("abcbcacababc")  # rounds abc, bca, cab, abc: the first rotates
+
+
+def test_interleaved_budget_sets_repeats_within_bounds():
+    calls = {"a": lambda: None, "b": lambda: None}
+    _, repeats = run._interleaved(calls, budget_s=1e-12, min_repeats=5, max_repeats=9)
+    assert repeats == 5
+    _, repeats = run._interleaved(calls, budget_s=10.0, min_repeats=5, max_repeats=9)
+    assert repeats == 9

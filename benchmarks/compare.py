@@ -1,7 +1,7 @@
 """Compare the closed-form batch-norm backward pass with the other ways to the same gradient.
 
-``python -m jaxbn.compare --shape 256 1024 --dtype float64`` (or the console
-script ``jaxbn-compare``) computes ``dx``, ``dgamma`` and ``dbeta`` of
+``python -m benchmarks.compare --shape 256 1024 --dtype float64`` (from the
+repository root) computes ``dx``, ``dgamma`` and ``dbeta`` of
 ``sum(batch_norm(params, x) * dy)`` four ways:
 
 * ``closed form``: :func:`jaxbn.batch_norm`, the CS231n closed-form custom VJP
@@ -26,15 +26,21 @@ not blow it up).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
-import statistics
 import sys
-import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
+
+from benchmarks.common import (
+    nonnegative_int,
+    positive_float,
+    positive_int,
+    time_interleaved,
+)
 
 DTYPES = ("float32", "float64", "bfloat16")
 GRADS = ("dx", "dgamma", "dbeta")
@@ -49,30 +55,10 @@ LABELS = {
 }
 
 
-def _checked_number(convert: Callable[[str], Any], valid: Callable[[Any], bool], expected: str):
-    """An argparse ``type`` that converts a flag's text and checks it, naming what was expected."""
-
-    def parse(text: str):
-        try:
-            value = convert(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
-        if not valid(value):
-            raise argparse.ArgumentTypeError(f"expected {expected}, got {text}")
-        return value
-
-    return parse
-
-
-_positive_int = _checked_number(int, lambda v: v >= 1, "a positive integer")
-_nonnegative_int = _checked_number(int, lambda v: v >= 0, "an integer >= 0")
-_positive_float = _checked_number(
-    float, lambda v: math.isfinite(v) and v > 0, "a positive finite number")
-
-
 def build_parser() -> argparse.ArgumentParser:
+    """The command line of ``python -m benchmarks.compare`` (numbers checked by type)."""
     parser = argparse.ArgumentParser(
-        prog="jaxbn-compare",
+        prog="python -m benchmarks.compare",
         description=(
             "Compare jaxbn's closed-form batch-norm gradient with JAX autodiff of the naive "
             "forward pass, the staged CS231n backward pass and (float64) finite differences: "
@@ -81,42 +67,29 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Relative difference: max|a - closed| / max|closed| over the whole array.",
     )
     parser.add_argument(
-        "--shape", type=_positive_int, nargs="+", default=[256, 1024], metavar="N",
+        "--shape", type=positive_int, nargs="+", default=[256, 1024], metavar="N",
         help="input shape, features last: N D, or NHWC N H W C (default: 256 1024)",
     )
     parser.add_argument("--dtype", choices=DTYPES, default="float32", help="default: float32")
-    parser.add_argument("--eps", type=_positive_float, default=1e-5, help="default: 1e-5")
+    parser.add_argument("--eps", type=positive_float, default=1e-5, help="default: 1e-5")
     parser.add_argument(
-        "--seed", type=_nonnegative_int, default=0,
+        "--seed", type=nonnegative_int, default=0,
         help="seed for x, gamma, beta and the cotangent dy (default: 0)",
     )
     parser.add_argument(
-        "--repeats", type=_positive_int, default=50,
+        "--repeats", type=positive_int, default=50,
         help="timed calls per implementation, interleaved (default: 50)",
     )
     parser.add_argument(
         "--no-time", action="store_true", help="skip the timing (differences only)",
     )
     parser.add_argument(
-        "--fd-samples", type=_nonnegative_int, default=6,
+        "--fd-samples", type=nonnegative_int, default=6,
         help="coordinates of each of x, gamma, beta checked by finite differences "
         "(float64 only; default: 6)",
     )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     return parser
-
-
-def _inputs(shape: tuple[int, ...], dtype: Any, seed: int):
-    """x, gamma, beta, dy from ``seed``, drawn in float64 and cast to ``dtype``."""
-    import jax.numpy as jnp
-
-    rng = np.random.default_rng(seed)
-    features = shape[-1]
-    x = rng.standard_normal(shape) * 2.0 + 0.5
-    gamma = 1.0 + 0.5 * rng.standard_normal(features)
-    beta = rng.standard_normal(features)
-    dy = rng.standard_normal(shape)
-    return tuple(jnp.asarray(a, dtype) for a in (x, gamma, beta, dy))
 
 
 def _implementations() -> dict[str, Callable]:
@@ -127,17 +100,6 @@ def _implementations() -> dict[str, Callable]:
         AUTODIFF: jaxbn.reference.batch_norm_autodiff,
         STAGED: jaxbn.reference.batch_norm_staged,
     }
-
-
-def _fwd_bwd(fn: Callable, eps: float) -> Callable:
-    """Jitted ``(x, gamma, beta, dy) -> (y, dx, dgamma, dbeta)``: one forward and one backward."""
-    import jax
-
-    def step(x, gamma, beta, dy):
-        y, vjp = jax.vjp(lambda x, g, b: fn({"gamma": g, "beta": b}, x, eps=eps), x, gamma, beta)
-        return (y, *vjp(dy))
-
-    return jax.jit(step)
 
 
 def _difference(a: np.ndarray, ref: np.ndarray) -> dict[str, float]:
@@ -197,28 +159,6 @@ def _finite_differences(x, gamma, beta, dy, eps, samples, seed, closed_grads):
     return out
 
 
-def time_interleaved(
-    steps: dict[str, Callable], args: Sequence[Any], repeats: int, *, warmup: int = 3
-) -> dict[str, float]:
-    """Median seconds per call of each step: ``warmup`` calls each first, then ``repeats``
-    rounds of one call each (the first caller rotating), each waited on with
-    ``block_until_ready``. Also used by ``benchmarks/``."""
-    import jax
-
-    for step in steps.values():  # compile and warm up
-        for _ in range(warmup):
-            jax.block_until_ready(step(*args))
-    names = list(steps)
-    samples = {name: [] for name in names}
-    for r in range(repeats):
-        order = names[r % len(names):] + names[: r % len(names)]  # rotate who goes first
-        for name in order:
-            start = time.perf_counter()
-            jax.block_until_ready(steps[name](*args))
-            samples[name].append(time.perf_counter() - start)
-    return {name: statistics.median(s) for name, s in samples.items()}
-
-
 def compare(
     shape: Sequence[int],
     dtype: str = "float32",
@@ -235,13 +175,17 @@ def compare(
     :func:`main` turns it on for the run.
     """
     import jax
-    import jax.numpy as jnp
+
+    from benchmarks import impls
 
     shape = tuple(int(n) for n in shape)
     if dtype == "float64" and not jax.config.jax_enable_x64:
         raise ValueError("float64 needs jax.config.update('jax_enable_x64', True) first.")
-    x, gamma, beta, dy = _inputs(shape, jnp.dtype(dtype), seed)
-    steps = {name: _fwd_bwd(fn, eps) for name, fn in _implementations().items()}
+    x, gamma, beta, dy = impls.make_inputs(shape, dtype, seed)
+    steps = {
+        name: jax.jit(impls.fwd_bwd(impls.functional(fn, eps)))
+        for name, fn in _implementations().items()
+    }
     grads = {name: jax.device_get(step(x, gamma, beta, dy))[1:] for name, step in steps.items()}
 
     differences: dict[str, Any] = {}
@@ -258,7 +202,10 @@ def compare(
 
     timing = None
     if time_it:
-        medians = time_interleaved(steps, (x, gamma, beta, dy), repeats)
+        medians = time_interleaved(
+            {name: functools.partial(step, x, gamma, beta, dy) for name, step in steps.items()},
+            repeats,
+        )
         base = medians[CLOSED]
         timing = {
             name: {"median_s": t, "ratio_to_closed_form": t / base} for name, t in medians.items()
@@ -324,7 +271,7 @@ def format_report(result: dict[str, Any]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Command-line entry point (``python -m jaxbn.compare``, ``jaxbn-compare``)."""
+    """Command-line entry point (``python -m benchmarks.compare``)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if len(args.shape) < 2:
