@@ -106,7 +106,9 @@ def moments(
     return mean, var, count
 
 
-def _masked_shape(x_shape, stat_axes, mask_shape):
+def _masked_shape(
+    x_shape: tuple[int, ...], stat_axes: tuple[int, ...], mask_shape: tuple[int, ...]
+) -> tuple[int, ...]:
     """Shape over which the mask is counted: x's shape on stat axes, the mask's elsewhere."""
     return tuple(n if i in stat_axes else m for i, (n, m) in enumerate(zip(x_shape, mask_shape)))
 
@@ -153,12 +155,23 @@ def zero_masked(x: Array, mask: Array | None) -> Array:
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
-def _normalize(x, gamma, beta, mask, stat_axes, eps, axis_name):
+def _normalize(
+    x: Array, gamma: Array, beta: Array, mask: Array | None,
+    stat_axes: tuple[int, ...], eps: float, axis_name: AxisName,
+) -> Array:
     y, _ = _normalize_fwd(x, gamma, beta, mask, stat_axes, eps, axis_name)
     return y
 
 
-def _normalize_fwd(x, gamma, beta, mask, stat_axes, eps, axis_name):
+Residuals = tuple[Array, Array, Array, Array, Array, Array, Array | None]
+# (x, mean, inv_std, count, gamma, beta, mask): x as given, mask or None; the
+# rest per statistics group in x's rank (size 1 on stat_axes), gamma and beta as given.
+
+
+def _normalize_fwd(
+    x: Array, gamma: Array, beta: Array, mask: Array | None,
+    stat_axes: tuple[int, ...], eps: float, axis_name: AxisName,
+) -> tuple[Array, Residuals]:
     dtype = compute_dtype(x.dtype)
     clean = zero_masked(x, mask)
     mean, var, count = moments(clean, stat_axes, mask, axis_name)
@@ -243,7 +256,9 @@ def _general_bwd(
     return dx, dy * xhat, dy
 
 
-def _normalize_bwd(stat_axes, eps, axis_name, residuals, dy):
+def _normalize_bwd(
+    stat_axes: tuple[int, ...], eps: float, axis_name: AxisName, residuals: Residuals, dy: Array
+) -> tuple[Array, Array, Array, None]:
     del eps
     x, mean, inv_std, count, gamma, beta, mask = residuals
     x = zero_masked(x, mask)

@@ -10,7 +10,6 @@ from jax import lax
 
 from jaxbn import _core
 from jaxbn._checks import (
-    AxisName,
     Params,
     as_params,
     batch_norm_layout,
@@ -23,6 +22,7 @@ from jaxbn._checks import (
     running_stats,
     values_per_statistic,
 )
+from jaxbn._core import AxisName
 from jaxbn._params import RunningStats
 
 Array = jax.Array

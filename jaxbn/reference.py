@@ -28,12 +28,14 @@ Array = jax.Array
 __all__ = ["batch_norm_autodiff", "batch_norm_staged"]
 
 
-def _sum(value, axes, axis_name):
+def _sum(value: Array, axes: tuple[int, ...], axis_name: AxisName) -> Array:
     total = jnp.sum(value, axes, keepdims=True)
     return total if axis_name is None else lax.psum(total, axis_name)
 
 
-def _count(x, mask, stat_axes, axis_name):
+def _count(
+    x: Array, mask: Array | None, stat_axes: tuple[int, ...], axis_name: AxisName
+) -> Array:
     ones = jnp.ones(x.shape, x.dtype) if mask is None else jnp.where(mask, 1.0, 0.0).astype(x.dtype)
     ones = jnp.broadcast_to(ones, x.shape)
     return jnp.maximum(_sum(ones, stat_axes, axis_name), 1)
@@ -68,11 +70,17 @@ def batch_norm_autodiff(
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
-def _staged(x, gamma, beta, mask, stat_axes, eps, axis_name):
+def _staged(
+    x: Array, gamma: Array, beta: Array, mask: Array | None,
+    stat_axes: tuple[int, ...], eps: float, axis_name: AxisName,
+) -> Array:
     return _staged_fwd(x, gamma, beta, mask, stat_axes, eps, axis_name)[0]
 
 
-def _staged_fwd(x, gamma, beta, mask, stat_axes, eps, axis_name):
+def _staged_fwd(
+    x: Array, gamma: Array, beta: Array, mask: Array | None,
+    stat_axes: tuple[int, ...], eps: float, axis_name: AxisName,
+) -> tuple[Array, tuple[Array, ...]]:
     # The CS231n forward pass, one node at a time, every node cached.
     # x arrives in its compute dtype (float32 for 16-bit input).
     dtype = x.dtype
@@ -92,7 +100,10 @@ def _staged_fwd(x, gamma, beta, mask, stat_axes, eps, axis_name):
     return out, cache
 
 
-def _staged_bwd(stat_axes, eps, axis_name, cache, dout):
+def _staged_bwd(
+    stat_axes: tuple[int, ...], eps: float, axis_name: AxisName, cache: tuple[Array, ...],
+    dout: Array,
+) -> tuple[Array, Array, Array, None]:
     # CS231n batchnorm_backward: the same nine steps in reverse.
     xhat, gamma, beta, xmu, ivar, sqrtvar, var, n, keep = cache
     dtype = xhat.dtype
