@@ -42,13 +42,8 @@ def _count(
 
 
 def batch_norm_autodiff(
-    params: Params,
-    x: Array,
-    *,
-    axis: int | Sequence[int] = -1,
-    eps: float = 1e-5,
-    axis_name: AxisName = None,
-    mask: Array | None = None,
+    params: Params, x: Array, *, axis: int | Sequence[int] = -1, eps: float = 1e-5,
+    axis_name: AxisName = None, mask: Array | None = None,
 ) -> Array:
     """Batch norm as the naive forward pass; the backward pass is JAX autodiff.
 
@@ -130,13 +125,8 @@ _staged.defvjp(_staged_fwd, _staged_bwd)
 
 
 def batch_norm_staged(
-    params: Params,
-    x: Array,
-    *,
-    axis: int | Sequence[int] = -1,
-    eps: float = 1e-5,
-    axis_name: AxisName = None,
-    mask: Array | None = None,
+    params: Params, x: Array, *, axis: int | Sequence[int] = -1, eps: float = 1e-5,
+    axis_name: AxisName = None, mask: Array | None = None,
 ) -> Array:
     """Batch norm whose backward pass walks the staged graph node by node (CS231n).
 
