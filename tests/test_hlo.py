@@ -31,24 +31,43 @@ from jaxbn import reference
 
 _SHAPE = re.compile(r"\b(?:pred|bf16|[fsu]\d+)\[([\d,]*)\]")
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%([\w.\-]+)\s*=\s*(.+?)\s+([\w\-]+)\((.*)$")
+_CALLS = re.compile(r"calls=%([\w.\-]+)")
 _NO_LOOP = {"parameter", "constant", "tuple", "get-tuple-element", "bitcast"}
+# Operations that iterate over their (large) operand rather than their (small) result.
+_READS_ALL = re.compile(r"\s(?:reduce|reduce-window|dot|convolution)\(")
+
+
+def _computations(hlo_text: str) -> dict[str, list[str]]:
+    """Computation name (``"ENTRY"`` for the entry) -> its instruction lines."""
+    bodies: dict[str, list[str]] = {}
+    name = None
+    for line in hlo_text.splitlines():
+        if line.startswith("ENTRY"):
+            name = "ENTRY"
+            bodies[name] = []
+        elif line.startswith("%") and line.rstrip().endswith("{"):
+            name = line.split()[0][1:]
+            bodies[name] = []
+        elif line.startswith("}"):
+            name = None
+        elif name is not None:
+            bodies[name].append(line)
+    return bodies
 
 
 def x_sized_loops(hlo_text: str, size: int) -> tuple[list[str], list[str], list[str]]:
     """``(loops, writes, outputs)`` of the entry computation of optimized HLO text.
 
-    An instruction whose result or any operand has ``size`` elements is a loop
-    over an array of that size; one whose result has that size also writes it
-    to memory. Parameters, constants, tuples and bitcasts are not loops.
-    ``outputs`` are the operands of the entry's ROOT instruction.
+    A loop over ``size`` elements is an instruction whose result has that size
+    (it is computed element by element, and written to memory), or one that
+    reduces an operand of that size (a reduction or dot, itself or inside the
+    fusion it calls). A slice that reads one row of such an operand is not a
+    loop over it. ``outputs`` are the operands of the entry's ROOT instruction.
     """
-    lines = hlo_text.splitlines()
-    start = next(i for i, line in enumerate(lines) if line.startswith("ENTRY"))
+    bodies = _computations(hlo_text)
     sizes: dict[str, list[int]] = {}
     loops, writes, outputs = [], [], []
-    for line in lines[start + 1:]:
-        if line.startswith("}"):
-            break
+    for line in bodies["ENTRY"]:
         match = _INSTRUCTION.match(line)
         if match is None:
             continue
@@ -60,10 +79,14 @@ def x_sized_loops(hlo_text: str, size: int) -> tuple[list[str], list[str], list[
                        for dims in _SHAPE.findall(result_type)]
         if opcode in _NO_LOOP:
             continue
-        if size in sizes[name] or any(size in sizes.get(o, ()) for o in operands):
-            loops.append(name)
+        called = _CALLS.search(rest)
+        body = "\n".join(bodies.get(called.group(1), [])) if called else line
+        reads_x = any(size in sizes.get(o, ()) for o in operands)
         if size in sizes[name]:
+            loops.append(name)
             writes.append(name)
+        elif reads_x and _READS_ALL.search(body):
+            loops.append(name)
     return loops, writes, outputs
 
 
