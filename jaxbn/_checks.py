@@ -22,7 +22,8 @@ from jaxbn._core import AxisName
 from jaxbn._params import BatchNormParams, RunningStats
 
 Array = jax.Array
-Params = BatchNormParams | Mapping[str, Array]
+Params = BatchNormParams | Mapping[str, Array | None]
+Stats = RunningStats | Mapping[str, Array]
 
 
 def static_hint(*names: str) -> str:
@@ -40,20 +41,35 @@ def _is_number(value: Any) -> bool:
         value, (bool, np.bool_))
 
 
-def as_params(params: Params) -> BatchNormParams:
-    """Accepts ``BatchNormParams`` or a dict with keys ``"gamma"`` and ``"beta"``."""
-    if isinstance(params, BatchNormParams):
-        return params
-    if isinstance(params, Mapping):
-        if {"gamma", "beta"} - set(params):
+def _as_named(value: Any, cls: type, what: str) -> Any:
+    """``value`` as the NamedTuple ``cls``, from itself or a dict with its field names."""
+    if isinstance(value, cls):
+        return value
+    fields = cls._fields  # type: ignore[attr-defined]
+    if isinstance(value, Mapping):
+        if set(fields) - set(value):
             raise ValueError(
-                f"Expected params with keys 'gamma' and 'beta', got keys {sorted(params)}."
+                f"Expected {what} with keys {' and '.join(map(repr, fields))}, got keys "
+                f"{sorted(value)}."
             )
-        return BatchNormParams(params["gamma"], params["beta"])
+        return cls(*(value[f] for f in fields))
     raise TypeError(
-        "Expected params to be jaxbn.BatchNormParams or a dict with 'gamma' and 'beta', "
-        f"got {type(params).__name__}."
+        f"Expected {what} to be jaxbn.{cls.__name__} or a dict with "
+        f"{' and '.join(map(repr, fields))}, got {type(value).__name__}."
     )
+
+
+def as_params(params: Params) -> BatchNormParams:
+    """Accepts ``BatchNormParams`` or a dict with keys ``"gamma"`` and ``"beta"``.
+
+    Either value may be ``None``: no scale (``gamma = 1``) or no shift (``beta = 0``).
+    """
+    return _as_named(params, BatchNormParams, "params")
+
+
+def as_stats(stats: Stats) -> RunningStats:
+    """Accepts ``RunningStats`` or a dict with keys ``"mean"`` and ``"var"``."""
+    return _as_named(stats, RunningStats, "stats")
 
 
 def check_input(x: Any, name: str = "x") -> Array:
@@ -170,11 +186,17 @@ def _axes_text(feature_axes: tuple[int, ...]) -> str:
 def per_feature(
     values: Sequence[Any], names: Sequence[str], x: Array, feature_axes: tuple[int, ...],
     broadcast_shape: tuple[int, ...], what: str,
-) -> list[Array]:
-    """Checks that each array has the feature shape and reshapes it to ``broadcast_shape``."""
+) -> list[Any]:
+    """Checks that each array has the feature shape and reshapes it to ``broadcast_shape``.
+
+    ``None`` (a missing scale or shift) stays ``None``.
+    """
     expected = tuple(x.shape[i] for i in feature_axes)
-    out = []
+    out: list[Any] = []
     for value, name in zip(values, names):
+        if value is None:
+            out.append(None)
+            continue
         value = jnp.asarray(value)
         if not jnp.issubdtype(value.dtype, jnp.floating):
             raise TypeError(f"Expected {what} {name} with a floating dtype, got {value.dtype}.")
@@ -188,11 +210,12 @@ def per_feature(
 
 
 def running_stats(
-    stats: Any, x: Array, feature_axes: tuple[int, ...], broadcast_shape: tuple[int, ...]
+    stats: Stats, x: Array, feature_axes: tuple[int, ...], broadcast_shape: tuple[int, ...]
 ) -> list[Array]:
     """Checks ``stats`` and returns its mean and var reshaped to ``broadcast_shape``."""
-    if not isinstance(stats, RunningStats):
-        raise TypeError(f"Expected stats to be jaxbn.RunningStats, got {type(stats).__name__}.")
+    stats = as_stats(stats)
+    if stats.mean is None or stats.var is None:
+        raise TypeError("Expected running stats mean and var to be arrays, got None.")
     return per_feature(stats, ("mean", "var"), x, feature_axes, broadcast_shape, "running stats")
 
 
@@ -225,18 +248,24 @@ def check_mask(mask: Any, x: Array, feature_axes: tuple[int, ...]) -> Array | No
     return mask
 
 
-def values_per_statistic(x: Array, stat_axes: tuple[int, ...], axis_name: AxisName) -> int:
-    """How many values each statistic is taken over, across the mapped ``axis_name`` too."""
+def values_per_statistic(
+    x: Array, stat_axes: tuple[int, ...], axis_name: AxisName
+) -> int | None:
+    """How many values each statistic is taken over, across the mapped ``axis_name`` too.
+
+    ``None`` when that depends on a symbolic dimension (``jax.export``), which
+    cannot be checked at trace time.
+    """
     size = math.prod(x.shape[a] for a in stat_axes)
     if axis_name is not None:
         size *= lax.psum(1, axis_name)  # the mapped axis size, a Python int at trace time
-    return size
+    return None if jax.export.is_symbolic_dim(size) else int(size)
 
 
 def check_batch(x: Array, stat_axes: tuple[int, ...], axis_name: AxisName, what: str) -> None:
     """ValueError when training-mode batch statistics would be over fewer than two values."""
     size = values_per_statistic(x, stat_axes, axis_name)
-    if size > 1:
+    if size is None or size > 1:  # a symbolic batch size is the caller's to choose
         return
     mapped = "" if axis_name is None else f" (mapped axis {axis_name!r} included)"
     if size == 0:
@@ -263,11 +292,12 @@ class BatchNormLayout(NamedTuple):
     """
 
     x: Array  # the input, any floating dtype
-    gamma: Array  # x's rank, the feature sizes on feature_axes, 1 elsewhere
-    beta: Array  # as gamma
+    gamma: Array | None  # shape param_shape; None: no scale
+    beta: Array | None  # shape param_shape; None: no shift
     mask: Array | None  # boolean, x's rank, broadcastable to x; None: every entry counts
     stat_axes: tuple[int, ...]  # sorted non-negative axes the statistics reduce over
     feature_axes: tuple[int, ...]  # sorted non-negative feature axes
+    param_shape: tuple[int, ...]  # x's rank, the feature sizes on feature_axes, 1 elsewhere
     eps: float  # added to the variance
 
 
@@ -300,4 +330,4 @@ def batch_norm_layout(
     mask = check_mask(mask, x, feature_axes)
     if training is not None:
         check_batch(x, stat_axes, axis_name, training)
-    return BatchNormLayout(x, gamma, beta, mask, stat_axes, feature_axes, eps)
+    return BatchNormLayout(x, gamma, beta, mask, stat_axes, feature_axes, shape, eps)

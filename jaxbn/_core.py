@@ -39,11 +39,13 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Hashable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 Array = jax.Array
 AxisName = Hashable | tuple[Hashable, ...] | None
@@ -59,51 +61,151 @@ def _psum(value: Any, axis_name: AxisName) -> Any:
     return value if axis_name is None else lax.psum(value, axis_name)
 
 
+class Moments(NamedTuple):
+    """Statistics of ``x`` over ``stat_axes``, each of ``x``'s rank with size 1 there.
+
+    The mean is kept in two parts, ``shift + mean``: ``shift`` is a sample of
+    the batch and ``mean`` the mean of ``x - shift``. Every loop over ``x``
+    computes ``(x - shift) - mean``; the first subtraction is exact for data
+    with a large offset (Sterbenz), so nothing is lost to it, and a constant
+    feature gives exactly zero. Without centering (RMS norm) ``shift`` and
+    ``mean`` are zeros and ``var`` is the mean square.
+    """
+
+    shift: Array  # a kept entry of x per statistics group, the same on every device
+    mean: Array  # mean of x - shift over the kept entries
+    var: Array  # biased variance (mean square without centering), >= 0; inf on overflow
+    num_kept: Array  # global number of kept entries, clamped to >= 1
+
+
+def explicit_shards(x: Array) -> tuple[int, ...]:
+    """How many pieces each axis of ``x`` is split into by an Explicit mesh (1: not split)."""
+    sharding = getattr(jax.typeof(x), "sharding", None)
+    spec, mesh = getattr(sharding, "spec", None), getattr(sharding, "mesh", None)
+    if spec is None or mesh is None:
+        return (1,) * x.ndim
+    counts = []
+    for i in range(x.ndim):
+        names = spec[i] if i < len(spec) else None
+        names = () if names is None else names if isinstance(names, tuple) else (names,)
+        counts.append(math.prod(mesh.shape[n] for n in names))
+    return tuple(counts)
+
+
+def _candidates(
+    x: Array, kept: Array | None, stat_axes: tuple[int, ...]
+) -> tuple[Array, Array | None]:
+    """``x`` (and ``kept``) cut down to the rows a sample may be taken from.
+
+    Along a statistics axis that an Explicit mesh splits into ``k`` pieces, a
+    slice of one row cannot be taken from the split array; the first row of
+    each piece (a strided slice, which splits evenly) is taken instead and
+    then gathered onto every device (``k`` small rows). Other axes are left whole.
+    """
+    shards = explicit_shards(x)
+    split = [i for i in stat_axes if shards[i] > 1]
+    if not split:
+        return x, kept
+    strides = [x.shape[i] // shards[i] if i in split else 1 for i in range(x.ndim)]
+    spec = jax.typeof(x).sharding.spec
+    whole = jax.sharding.NamedSharding(
+        jax.typeof(x).sharding.mesh,
+        jax.sharding.PartitionSpec(*(None if i in split else spec[i]
+                                     for i in range(min(len(spec), x.ndim)))))
+
+    def cut(a: Array) -> Array:
+        rows = lax.slice(a, (0,) * a.ndim, a.shape, strides)
+        return jax.sharding.reshard(rows, whole)
+
+    return cut(x), None if kept is None else cut(kept)
+
+
+def _sample(x: Array, stat_axes: tuple[int, ...], mask: Array | None) -> Array:
+    """``x`` at its first kept position along ``stat_axes`` (size 1 there).
+
+    ``x`` is zero where masked, so with nothing kept the sample is 0. The mask
+    is taken to be constant over the other axes (size 1 there), as batch
+    norm's is; otherwise the first position kept in any group is used. On an
+    array split by an Explicit mesh, the first kept row among the first rows
+    of the pieces is used (:func:`_candidates`).
+    """
+    kept = None if mask is None else jnp.broadcast_to(
+        mask, _masked_shape(x.shape, stat_axes, mask.shape))
+    x, kept = _candidates(x, kept, stat_axes)
+    starts: list[Any] = [0] * x.ndim
+    if kept is not None:
+        first = jnp.unravel_index(jnp.argmax(kept.reshape(-1)), kept.shape)
+        starts = [first[i] if i in stat_axes else 0 for i in range(x.ndim)]
+    sizes = [1 if i in stat_axes else n for i, n in enumerate(x.shape)]
+    return lax.dynamic_slice(x, starts, sizes)
+
+
+def _shift(
+    x: Array, stat_axes: tuple[int, ...], mask: Array | None, axis_name: AxisName,
+    kept_count: Array,
+) -> Array:
+    """The shift of :class:`Moments`: a sample of ``x``, the same on every device.
+
+    Across a mapped ``axis_name`` the devices agree on the largest of their
+    samples (a ``pmax`` of a per-feature vector, exact), leaving out those
+    of devices without a kept entry; with no kept entry anywhere
+    (``kept_count`` 0) the shift is 0.
+    """
+    sample = _sample(x, stat_axes, mask)
+    if axis_name is None:
+        return sample
+    if mask is None:
+        return lax.pmax(sample, axis_name)
+    lowest = jnp.asarray(-jnp.inf, sample.dtype)
+    shift = lax.pmax(jnp.where(jnp.any(mask), sample, lowest), axis_name)
+    return jnp.where(kept_count > 0, shift, 0)
+
+
 def moments(
     x: Array,
     stat_axes: tuple[int, ...],
     mask: Array | None,
     axis_name: AxisName,
-) -> tuple[Array, Array, Array]:
-    """Mean and biased variance of ``x`` over ``stat_axes`` (two-pass, centered).
+    *,
+    center: bool = True,
+) -> Moments:
+    """Shifted, two-pass statistics of ``x`` over ``stat_axes``.
 
     Args:
-      x: input; 16-bit floats are reduced in float32 (:func:`compute_dtype`).
+      x: input, zero where masked; 16-bit floats are reduced in float32
+        (:func:`compute_dtype`).
       stat_axes: non-negative axes to reduce over.
       mask: ``None`` or a boolean array of ``x``'s rank, broadcastable to it;
         ``False`` entries are left out of the statistics.
       axis_name: mapped axis name(s) over which sums and counts are all-reduced.
+      center: ``False`` for RMS statistics (no mean, ``var`` = mean square).
 
     Returns:
-      ``(mean, var, count)``, each with ``x``'s rank and size 1 on ``stat_axes``.
-      ``count`` is the global number of entries reduced over, clamped to at
-      least 1 so an all-masked group gives mean 0 and variance 0 (not NaN).
-      All three are in the compute dtype.
+      :class:`Moments` in the compute dtype. ``count`` is clamped to at least
+      1, so an all-masked group gives mean 0 and variance 0 (not NaN).
     """
     dtype = compute_dtype(x.dtype)
     if mask is None:
-        x_sum, x_sq = _converted_copies(x, 2, dtype)
         local_count = math.prod(x.shape[a] for a in stat_axes)
-        count = jnp.full((1,) * x.ndim, _psum(local_count, axis_name), dtype)
-        sum_x = _psum(jnp.sum(x_sum, stat_axes, keepdims=True), axis_name)
-        mean = sum_x / count
-        centered = x_sq - mean
-        sum_sq = _psum(jnp.sum(centered * centered, stat_axes, keepdims=True), axis_name)
+        count = kept_count = jnp.full((1,) * x.ndim, _psum(local_count, axis_name), dtype)
     else:
-        x = x.astype(dtype)
-        weight = mask.astype(dtype)
-        count = _psum(
-            jnp.sum(jnp.broadcast_to(weight, _masked_shape(x.shape, stat_axes, mask.shape)),
-                    stat_axes, keepdims=True),
-            axis_name,
-        )
-        count = jnp.maximum(count, 1)
-        mean = _psum(jnp.sum(jnp.where(mask, x, 0), stat_axes, keepdims=True), axis_name) / count
-        centered = jnp.where(mask, x - mean, 0)
-        sum_sq = _psum(jnp.sum(centered * centered, stat_axes, keepdims=True), axis_name)
+        kept = jnp.broadcast_to(mask, _masked_shape(x.shape, stat_axes, mask.shape))
+        kept_count = _psum(jnp.sum(kept, stat_axes, keepdims=True, dtype=dtype), axis_name)
+        count = jnp.maximum(kept_count, 1)
+    stat_shape = tuple(1 if i in stat_axes else n for i, n in enumerate(x.shape))
+    if center:
+        shift = _shift(x, stat_axes, mask, axis_name, kept_count).astype(dtype)
+        x_sum, x_sq = _converted_copies(x, 2, dtype)
+        shift_sum, shift_sq = _distinct(shift, 2)
+        sum_shifted = jnp.sum(_keep(mask, x_sum - shift_sum), stat_axes, keepdims=True)
+        mean = _psum(sum_shifted, axis_name) / count
+        centered = _keep(mask, x_sq - shift_sq - mean)
+    else:
+        shift = mean = jnp.zeros(stat_shape, dtype)
+        centered = x.astype(dtype)
+    sum_sq = _psum(jnp.sum(centered * centered, stat_axes, keepdims=True), axis_name)
     # Centered sums cannot go negative, but clamp anyway against round-off.
-    var = jnp.maximum(sum_sq / count, 0)
-    return mean, var, count
+    return Moments(shift, mean, jnp.maximum(sum_sq / count, 0), count)
 
 
 def _masked_shape(
@@ -113,7 +215,7 @@ def _masked_shape(
     return tuple(n if i in stat_axes else m for i, (n, m) in enumerate(zip(x_shape, mask_shape)))
 
 
-def _distinct(value: Array, copies: int = 1) -> Any:
+def _distinct(value: Any, copies: int = 1) -> Any:
     """``value`` (or a tuple of ``copies`` of it) that XLA cannot tell is ``value``.
 
     XLA:CPU fuses an elementwise producer such as ``x - mean`` into a reduction
@@ -154,33 +256,46 @@ def zero_masked(x: Array, mask: Array | None) -> Array:
     return x if mask is None else jnp.where(mask, x, jnp.zeros((), x.dtype))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
 def _normalize(
-    x: Array, gamma: Array, beta: Array, mask: Array | None,
-    stat_axes: tuple[int, ...], eps: float, axis_name: AxisName,
+    x: Array, gamma: Array | None, beta: Array | None, mask: Array | None,
+    stat_axes: tuple[int, ...], eps: float, axis_name: AxisName, center: bool,
 ) -> Array:
-    y, _ = _normalize_fwd(x, gamma, beta, mask, stat_axes, eps, axis_name)
+    y, _ = _normalize_fwd(x, gamma, beta, mask, stat_axes, eps, axis_name, center)
     return y
 
 
-Residuals = tuple[Array, Array, Array, Array, Array, Array, Array | None]
-# (x, mean, inv_std, count, gamma, beta, mask): x as given, mask or None; the
-# rest per statistics group in x's rank (size 1 on stat_axes), gamma and beta as given.
+Residuals = tuple[Array, Moments, Array, Array | None, Array | None, Array | None]
+# (x, moments, inv_std, gamma, beta, mask): x, gamma, beta and mask as given;
+# moments and inv_std per statistics group, in x's rank (size 1 on stat_axes).
+
+
+def _inv_std(var: Array, eps: float) -> Array:
+    """``1 / sqrt(var + eps)``, NaN where the variance overflowed (never a silent 0)."""
+    inv_std = lax.rsqrt(var + jnp.asarray(eps, var.dtype))
+    return jnp.where(jnp.isinf(var), jnp.nan, inv_std)
+
+
+def _centered(x: Array, shift: Array, mean: Array, center: bool) -> Array:
+    """``(x - shift) - mean`` in that order (see :class:`Moments`), or ``x`` uncentered."""
+    return x - shift - mean if center else x
 
 
 def _normalize_fwd(
-    x: Array, gamma: Array, beta: Array, mask: Array | None,
-    stat_axes: tuple[int, ...], eps: float, axis_name: AxisName,
+    x: Array, gamma: Array | None, beta: Array | None, mask: Array | None,
+    stat_axes: tuple[int, ...], eps: float, axis_name: AxisName, center: bool,
 ) -> tuple[Array, Residuals]:
     dtype = compute_dtype(x.dtype)
     clean = zero_masked(x, mask)
-    mean, var, count = moments(clean, stat_axes, mask, axis_name)
-    inv_std = lax.rsqrt(var + jnp.asarray(eps, dtype))
-    scale = inv_std * gamma.astype(dtype)  # per statistic group: one multiply per element
-    y = (clean.astype(dtype) - _distinct(mean)) * scale + beta.astype(dtype)
-    if mask is not None:
-        y = jnp.where(mask, y, 0)
-    return y.astype(x.dtype), (x, mean, inv_std, count, gamma, beta, mask)
+    stats = moments(clean, stat_axes, mask, axis_name, center=center)
+    inv_std = _inv_std(stats.var, eps)
+    # Per statistics group: one multiply per element.
+    scale = inv_std if gamma is None else inv_std * gamma.astype(dtype)
+    shift, mean = _distinct((stats.shift, stats.mean))
+    y = _centered(clean.astype(dtype), shift, mean, center) * scale
+    if beta is not None:
+        y = y + beta.astype(dtype)
+    return _keep(mask, y).astype(x.dtype), (x, stats, inv_std, gamma, beta, mask)
 
 
 def _keep(mask: Array | None, value: Array) -> Array:
@@ -189,8 +304,8 @@ def _keep(mask: Array | None, value: Array) -> Array:
 
 
 def _batch_norm_bwd(
-    x: Array, dy: Array, mean: Array, inv_std: Array, count: Array, gamma: Array,
-    mask: Array | None, stat_axes: tuple[int, ...], axis_name: AxisName,
+    x: Array, dy: Array, stats: Moments, inv_std: Array, gamma: Array | None,
+    mask: Array | None, stat_axes: tuple[int, ...], axis_name: AxisName, center: bool,
 ) -> tuple[Array, Array, Array]:
     """Backward pass when ``gamma`` is constant over the statistics (batch norm).
 
@@ -202,35 +317,36 @@ def _batch_norm_bwd(
         dgamma = s2,   dbeta = s1        (summed to gamma's and beta's shapes)
 
     two reductions and one elementwise pass with per-feature coefficients;
-    nothing of ``x``'s size is written besides ``dx``. Returns
-    ``(dx, dgamma, dbeta)`` in the compute dtype, ``dgamma``/``dbeta`` in
-    ``x``'s rank (size 1 on ``stat_axes``), not yet all-reduced.
+    nothing of ``x``'s size is written besides ``dx``. Without centering (RMS)
+    the ``s1 / N`` term drops out. Returns ``(dx, dgamma, dbeta)`` in the
+    compute dtype, ``dgamma``/``dbeta`` in ``x``'s rank (size 1 on
+    ``stat_axes``), not yet all-reduced.
     """
     dtype = compute_dtype(x.dtype)
-    # Each array-sized use gets its own handle on dy, x and mean, so that XLA fuses
-    # the conversion and centering into that use (see _distinct). One barrier
-    # for all of them: two identical barriers would be merged again by XLA.
-    dy_sum, dy_dot, dy_dx, x_dot, x_dx, mean_dot, mean_dx = lax.optimization_barrier(
-        (dy, dy, dy, x, x, mean, mean)
-    )
+    # Each array-sized use gets its own handle on dy, x, shift and mean, so that
+    # XLA fuses the conversion and centering into that use (see _distinct). One
+    # barrier for all of them: two identical barriers would be merged again by XLA.
+    (dy_sum, dy_dot, dy_dx, x_dot, x_dx, shift_dot, shift_dx, mean_dot,
+     mean_dx) = lax.optimization_barrier(
+        (dy, dy, dy, x, x, stats.shift, stats.shift, stats.mean, stats.mean))
     dy_sum, dy_dot, dy_dx = (_keep(mask, d.astype(dtype)) for d in (dy_sum, dy_dot, dy_dx))
-    centered = _keep(mask, x_dot.astype(dtype) - mean_dot)  # padding may hold inf/NaN
+    # Masked entries may hold inf/NaN padding: zero them after centering.
+    centered = _keep(mask, _centered(x_dot.astype(dtype), shift_dot, mean_dot, center))
     sum_dy = jnp.sum(dy_sum, stat_axes, keepdims=True)
     sum_dy_xhat = jnp.sum(dy_dot * centered, stat_axes, keepdims=True) * inv_std
-    if axis_name is not None:
-        global_dy, global_dy_xhat = lax.psum((sum_dy, sum_dy_xhat), axis_name)
-    else:
-        global_dy, global_dy_xhat = sum_dy, sum_dy_xhat
-    scale = gamma.astype(dtype) * inv_std
-    dx = scale * (dy_dx - global_dy / count) - (x_dx.astype(dtype) - mean_dx) * (
+    global_dy, global_dy_xhat = _psum((sum_dy, sum_dy_xhat), axis_name)
+    scale = inv_std if gamma is None else gamma.astype(dtype) * inv_std
+    count = stats.num_kept
+    dy_term = scale * (dy_dx - global_dy / count) if center else scale * dy_dx
+    dx = dy_term - _centered(x_dx.astype(dtype), shift_dx, mean_dx, center) * (
         scale * inv_std * global_dy_xhat / count
     )
     return dx, sum_dy_xhat, sum_dy
 
 
 def _general_bwd(
-    x: Array, dy: Array, mean: Array, inv_std: Array, count: Array, gamma: Array,
-    mask: Array | None, stat_axes: tuple[int, ...], axis_name: AxisName,
+    x: Array, dy: Array, stats: Moments, inv_std: Array, gamma: Array | None,
+    mask: Array | None, stat_axes: tuple[int, ...], axis_name: AxisName, center: bool,
 ) -> tuple[Array, Array, Array]:
     """Backward pass when ``gamma`` varies over the statistics (layer and group norm).
 
@@ -240,34 +356,56 @@ def _general_bwd(
         dx     = inv_std / N * (N * dxhat - sum(dxhat) - xhat * sum(dxhat * xhat))
         dgamma = dy * xhat,   dbeta = dy     (summed to gamma's and beta's shapes)
 
-    Returns ``(dx, dgamma, dbeta)`` in the compute dtype and ``x``'s shape
-    (the caller sums ``dgamma``/``dbeta`` to the parameters' shapes).
+    and without centering (RMS norm, ``xhat = x * inv_std``) the ``sum(dxhat)``
+    term drops out. Returns ``(dx, dgamma, dbeta)`` in the compute dtype and
+    ``x``'s shape (the caller sums ``dgamma``/``dbeta`` to the parameters' shapes).
     """
     dtype = compute_dtype(x.dtype)
     # A fresh handle on the saved values, so XLA does not merge this pass's
-    # x - mean with the forward pass's (see _distinct).
-    dy, x, mean = lax.optimization_barrier((dy, x, mean))
+    # centering with the forward pass's (see _distinct).
+    dy, x, shift, mean = lax.optimization_barrier((dy, x, stats.shift, stats.mean))
     dy = _keep(mask, dy.astype(dtype))
-    xhat = _keep(mask, x.astype(dtype) - mean) * inv_std  # padding may hold inf/NaN
-    dxhat = dy * gamma.astype(dtype)
-    sum_dxhat = _psum(jnp.sum(dxhat, stat_axes, keepdims=True), axis_name)
+    # Masked entries may hold inf/NaN padding: zero them after centering.
+    xhat = _keep(mask, _centered(x.astype(dtype), shift, mean, center)) * inv_std
+    dxhat = dy if gamma is None else dy * gamma.astype(dtype)
+    count = stats.num_kept
     sum_dxhat_xhat = _psum(jnp.sum(dxhat * xhat, stat_axes, keepdims=True), axis_name)
-    dx = inv_std / count * (count * dxhat - sum_dxhat - xhat * sum_dxhat_xhat)
+    if center:
+        sum_dxhat = _psum(jnp.sum(dxhat, stat_axes, keepdims=True), axis_name)
+        dx = inv_std / count * (count * dxhat - sum_dxhat - xhat * sum_dxhat_xhat)
+    else:
+        dx = inv_std / count * (count * dxhat - xhat * sum_dxhat_xhat)
     return dx, dy * xhat, dy
 
 
 def _normalize_bwd(
-    stat_axes: tuple[int, ...], eps: float, axis_name: AxisName, residuals: Residuals, dy: Array
-) -> tuple[Array, Array, Array, None]:
+    stat_axes: tuple[int, ...], eps: float, axis_name: AxisName, center: bool,
+    residuals: Residuals, dy: Array,
+) -> tuple[Array, Array | None, Array | None, None]:
     del eps
-    x, mean, inv_std, count, gamma, beta, mask = residuals
+    x, stats, inv_std, gamma, beta, mask = residuals
     x = zero_masked(x, mask)
-    constant_gamma = all(gamma.shape[a] == 1 for a in stat_axes)
-    backward = _batch_norm_bwd if constant_gamma else _general_bwd
-    dx, dgamma, dbeta = backward(x, dy, mean, inv_std, count, gamma, mask, stat_axes, axis_name)
-    dx = _keep(mask, dx)
-    dgamma, dbeta = _sum_to(dgamma, gamma.shape), _sum_to(dbeta, beta.shape)
-    return dx.astype(x.dtype), dgamma.astype(gamma.dtype), dbeta.astype(beta.dtype), None
+    constant_params = all(p is None or all(p.shape[a] == 1 for a in stat_axes)
+                          for p in (gamma, beta))
+    backward = _batch_norm_bwd if constant_params else _general_bwd
+    dx, dgamma, dbeta = backward(
+        x, dy, stats, inv_std, gamma, mask, stat_axes, axis_name, center)
+    dx = _keep(mask, dx).astype(x.dtype)
+    return dx, _cotangent(dgamma, gamma), _cotangent(dbeta, beta), None
+
+
+def _cotangent(value: Array, param: Array | None) -> Array | None:
+    """``value`` summed to ``param``'s shape, in its dtype and Explicit sharding (None: none)."""
+    if param is None:
+        return None
+    value = _sum_to(value, param.shape).astype(param.dtype)
+    if explicit_shards(value) != explicit_shards(param):
+        # A replicated gamma of a group norm whose channels are split over devices.
+        target = jax.typeof(param).sharding
+        spec = target.spec if target.mesh.axis_names else P()
+        value = jax.sharding.reshard(
+            value, NamedSharding(jax.typeof(value).sharding.mesh, spec))
+    return value
 
 
 _normalize.defvjp(_normalize_fwd, _normalize_bwd)
@@ -287,23 +425,26 @@ def vary_like(params: Any, x: Array) -> Any:
 
 def normalize(
     x: Array,
-    gamma: Array,
-    beta: Array,
+    gamma: Array | None,
+    beta: Array | None,
     *,
     stat_axes: tuple[int, ...],
     eps: float,
     axis_name: AxisName = None,
     mask: Array | None = None,
+    center: bool = True,
 ) -> Array:
     """Normalizes ``x`` over ``stat_axes`` and applies ``gamma * xhat + beta``.
 
     Args:
       x: floating array of any rank.
-      gamma, beta: arrays of ``x``'s rank, size 1 on the axes they broadcast over.
+      gamma, beta: arrays of ``x``'s rank, size 1 on the axes they broadcast
+        over, or ``None`` (no scale / no shift; no cotangent is returned).
       stat_axes: sorted non-negative axes to compute statistics over.
       eps: added to the variance.
       axis_name: mapped axis name(s) over which statistics are all-reduced.
       mask: ``None`` or boolean of ``x``'s rank; masked-out outputs are 0.
+      center: ``False`` for RMS normalization: ``xhat = x / sqrt(mean(x^2) + eps)``.
 
     Returns:
       An array of ``x``'s shape and dtype. Its VJP is the closed form.
@@ -311,7 +452,7 @@ def normalize(
     if axis_name is not None:
         gamma, beta = vary_like((gamma, beta), x)
     try:
-        return _normalize(x, gamma, beta, mask, stat_axes, eps, axis_name)
+        return _normalize(x, gamma, beta, mask, stat_axes, eps, axis_name, center)
     except TypeError as err:
         if "forward-mode" not in str(err):
             raise

@@ -46,3 +46,9 @@ def init_stats(num_features: int | Sequence[int], dtype: Any = jnp.float32) -> R
     """Returns ``RunningStats(mean=zeros, var=ones)`` of shape ``(num_features,)``."""
     shape = _feature_shape(num_features)
     return RunningStats(jnp.zeros(shape, dtype), jnp.ones(shape, dtype))
+
+
+# jax.export can serialize functions that take or return these pytrees.
+jax.export.register_namedtuple_serialization(
+    BatchNormParams, serialized_name="jaxbn.BatchNormParams")
+jax.export.register_namedtuple_serialization(RunningStats, serialized_name="jaxbn.RunningStats")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -41,6 +42,14 @@ def _count(
     return jnp.maximum(_sum(ones, stat_axes, axis_name), 1)
 
 
+def _filled(
+    gamma: Array | None, beta: Array | None, shape: tuple[int, ...], dtype: Any
+) -> tuple[Array, Array]:
+    """A missing scale as ones, a missing shift as zeros (constants: no gradient)."""
+    return (jnp.ones(shape, dtype) if gamma is None else gamma,
+            jnp.zeros(shape, dtype) if beta is None else beta)
+
+
 def batch_norm_autodiff(
     params: Params, x: Array, *, axis: int | Sequence[int] = -1, eps: float = 1e-5,
     axis_name: AxisName = None, mask: Array | None = None,
@@ -49,10 +58,11 @@ def batch_norm_autodiff(
 
     Same arguments, conventions and result as :func:`jaxbn.batch_norm`.
     """
-    x, gamma, beta, mask, stat_axes, _, eps = batch_norm_layout(
+    x, gamma, beta, mask, stat_axes, _, shape, eps = batch_norm_layout(
         params, x, axis=axis, eps=eps, mask=mask, axis_name=axis_name,
         training="batch_norm_autodiff")
     dtype = compute_dtype(x.dtype)
+    gamma, beta = _filled(gamma, beta, shape, dtype)
     xf = x.astype(dtype)
     keep = jnp.ones((), bool) if mask is None else mask
     xf = jnp.where(keep, xf, 0)  # masked entries may hold inf/NaN padding
@@ -133,10 +143,11 @@ def batch_norm_staged(
     Same arguments, conventions and result as :func:`jaxbn.batch_norm`; it
     saves every intermediate of the forward pass for the backward pass.
     """
-    x, gamma, beta, mask, stat_axes, _, eps = batch_norm_layout(
+    x, gamma, beta, mask, stat_axes, _, shape, eps = batch_norm_layout(
         params, x, axis=axis, eps=eps, mask=mask, axis_name=axis_name,
         training="batch_norm_staged")
     xf = x.astype(compute_dtype(x.dtype))
+    gamma, beta = _filled(gamma, beta, shape, xf.dtype)
     if axis_name is not None:
         gamma, beta = vary_like((gamma, beta), xf)
     return _staged(xf, gamma, beta, mask, stat_axes, eps, axis_name).astype(x.dtype)

@@ -22,6 +22,7 @@ PUBLIC = [
     "init_stats",
     "layer_norm",
     "reference",
+    "rms_norm",
 ]
 
 
@@ -37,6 +38,7 @@ def test_every_public_name_is_importable():
         init_stats,
         layer_norm,
         reference,
+        rms_norm,
     )
     from jaxbn.reference import batch_norm_autodiff, batch_norm_staged  # noqa: F401
 
