@@ -115,7 +115,8 @@ def test_constant_groups_in_layer_and_group_norm(norm):
         "instance": lambda p, x: jaxbn.group_norm(p, x, 8),
     }[norm]
     if norm == "layer":
-        params = jaxbn.BatchNormParams(jnp.ones((4, 4, 8)), jnp.broadcast_to(params.beta, (4, 4, 8)))
+        params = jaxbn.BatchNormParams(
+            jnp.ones((4, 4, 8)), jnp.broadcast_to(params.beta, (4, 4, 8)))
     y = jax.jit(fn)(params, x)
     _exact_beta(y, jnp.broadcast_to(params.beta, y.shape[1:]))
 
