@@ -124,6 +124,9 @@ def test_init_scale_summary_wording():
         "test acc > 90% at 3 of 4 scales: 0.01..1")
     assert experiments.scales_summary(s, [True, False, True, False]) == (
         "test acc > 90% at 2 of 4 scales: 0.001, 0.1")
+    assert experiments.scales_summary([0.06], [True]) == "test acc > 90% at scale 0.06"
+    assert experiments.scales_summary([0.06], [False]) == (
+        "test acc > 90% not reached at scale 0.06")
 
 
 def test_step_times_within_noise():

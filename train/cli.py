@@ -156,7 +156,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
 
     p = _command(sub, "compare", epochs=10, hidden=[256, 256], norm=False)
     p.add_argument("--timing-steps", type=positive_int, default=200,
-                   help="timed steps per implementation after warm-up (default 200)")
+                   help="timed steps per implementation, in 3 rounds that each start "
+                        "with 5 warm-up steps (default 200)")
     p.add_argument("--timing-batch-size", type=positive_int, default=None,
                    help="batch size of the timed steps (default: --batch-size)")
 

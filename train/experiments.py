@@ -230,6 +230,8 @@ def scales_summary(scales: list[float], passed: list[bool]) -> str:
     they are consecutive points of the sweep) or a list."""
     good = [s for s, p in zip(scales, passed) if p]
     n = len(scales)
+    if n == 1:
+        return f"test acc > 90% {'at' if good else 'not reached at'} scale {scales[0]:.3g}"
     if not good:
         return f"test acc > 90% at none of the {n} scales"
     if len(good) == 1:

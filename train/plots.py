@@ -107,7 +107,7 @@ def _step_time_bars(ax, names: list[str], results: dict) -> None:
 
 def init_scale_plot(scales, rows: dict, path: str, *, title: str) -> str:
     """``rows[label] = {"train_accuracy": [...], "test_accuracy": [...], "final_loss": [...]}``."""
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.6))
     keys = [("train_accuracy", "final train accuracy (%)"),
             ("test_accuracy", "final test accuracy (%)"),
             ("final_loss", "final train loss")]
@@ -121,7 +121,7 @@ def init_scale_plot(scales, rows: dict, path: str, *, title: str) -> str:
         else:
             ax.axhline(10, color="gray", ls=":", lw=1, label="chance")
         ax.set(xlabel="weight init scale (std of normal init)", ylabel=label, title=label)
-        ax.legend()
+        _legend_below(ax, 3)
         ax.grid(alpha=0.3)
     fig.suptitle(title)
     return _save(fig, path)
@@ -129,7 +129,7 @@ def init_scale_plot(scales, rows: dict, path: str, *, title: str) -> str:
 
 def batch_size_plot(sizes, rows: dict, path: str, *, title: str) -> str:
     """``rows`` has lists over ``sizes``: test_accuracy_eval, test_accuracy_train_mode, ..."""
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.8))
     ax1.plot(sizes, [100 * v for v in rows["test_accuracy_eval"]], "o-",
              label="BN, eval mode (running stats)")
     ax1.plot(sizes, [100 * v for v in rows["test_accuracy_train_mode"]], "s--",
@@ -140,7 +140,7 @@ def batch_size_plot(sizes, rows: dict, path: str, *, title: str) -> str:
     ax1.set_xscale("log", base=2)
     ax1.set(xlabel="batch size", ylabel="final test accuracy (%)",
             title="Test accuracy vs batch size")
-    ax1.legend()
+    _legend_below(ax1, 2)
     ax1.grid(alpha=0.3)
     ax2.plot(sizes, rows["final_loss"], "o-", label="BN (train mode, batch stats)")
     if "final_loss_none" in rows:
@@ -149,7 +149,7 @@ def batch_size_plot(sizes, rows: dict, path: str, *, title: str) -> str:
     ax2.set_yscale("log")
     ax2.set(xlabel="batch size", ylabel="last epoch's mean minibatch loss",
             title="Final train loss")
-    ax2.legend()
+    _legend_below(ax2, 2)
     ax2.grid(alpha=0.3)
     fig.suptitle(title)
     return _save(fig, path)
