@@ -20,9 +20,12 @@ BASE = ["--train-subset", "256", "--test-subset", "100", "--batch-size", "32", "
 
 
 # `python -m train` with every train step slowed by 40 ms (8 steps an epoch with BASE), so
-# that a test can signal a run in the middle of an epoch.
+# that a test can signal a run in the middle of an epoch. SIGINT gets Python's usual
+# handler, as in a terminal, even where pytest itself runs with SIGINT ignored (a
+# background job).
 SLOW = r"""
-import sys, time
+import signal, sys, time
+signal.signal(signal.SIGINT, signal.default_int_handler)
 from train import cli, loop
 real = loop.step_fn
 def slow_step_fn(*args, **kw):
@@ -202,6 +205,25 @@ def test_ctrl_c_in_the_first_epoch_says_there_is_nothing_to_resume(tmp_path, cap
 
 
 @pytest.mark.slow
+@pytest.mark.slow
+def test_ctrl_c_before_training_stops_after_the_first_step(tmp_path, capsys, monkeypatch):
+    real = cli.commands.load_data
+
+    def load_then_ctrl_c(args):  # Ctrl-C while the data loads: no KeyboardInterrupt there
+        ds = real(args)
+        os.kill(os.getpid(), signal.SIGINT)
+        return ds
+
+    monkeypatch.setattr(cli.commands, "load_data", load_then_ctrl_c)
+    steps = []
+    _patch_steps(monkeypatch, 1, lambda state, loss: steps.append(1) or (state, loss))
+    assert cli.main([*BASE, "--epochs", "5", "--out", str(tmp_path / "run")]) == 130
+    assert len(steps) == 1  # the loop stops at its first check
+    err = capsys.readouterr().err
+    assert "interrupted before the first epoch completed" in err and "Traceback" not in err
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+
+
 def test_resume_rejects_other_settings(tmp_path, capsys):
     out = str(tmp_path / "run")
     assert cli.main([*BASE, "--epochs", "1", "--checkpoint-every", "1", "--out", out]) == 0

@@ -217,7 +217,8 @@ def main(argv: list[str] | None = None) -> int:
                                    process_id=args.process_id)
     commands.remove_stale_results(args.out)
     try:
-        return COMMAND_FUNCTIONS[args.command](args)
+        with loop.ctrl_c_stops():  # Ctrl-C from here on stops between train steps
+            return COMMAND_FUNCTIONS[args.command](args)
     except loop.Diverged as e:
         return _fail(f"error: {e}", 1)
     except (DataError, loop.CheckpointError, ValueError) as e:

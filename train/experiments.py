@@ -87,8 +87,10 @@ def _time_steps(cfgs: dict, ds, *, steps: int) -> tuple[dict[str, float], dict[s
         return step
 
     calls = {name: step_of(name, cfg) for name, cfg in cfgs.items()}
-    rounds = [time_interleaved(calls, max(1, steps // TIMING_ROUNDS), warmup=5)
-              for _ in range(TIMING_ROUNDS)]
+    rounds = []
+    for _ in range(TIMING_ROUNDS):
+        rounds.append(time_interleaved(calls, max(1, steps // TIMING_ROUNDS), warmup=5))
+        loop.stop_if_pressed()
     per_name = {name: [r[name] for r in rounds] for name in cfgs}
     return ({n: float(np.median(t)) for n, t in per_name.items()},
             {n: max(t) - min(t) for n, t in per_name.items()})

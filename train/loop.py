@@ -12,11 +12,13 @@ replays exactly what the uninterrupted run would have done.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
 import os
 import signal
+import threading
 import time
 from typing import Any, NamedTuple
 
@@ -315,7 +317,7 @@ def run(cfg: TrainConfig, ds: Dataset, *, verbose: bool = True,
         KeyboardInterrupt itself propagates.
     """
     t0 = time.perf_counter()
-    check_settings(cfg, len(ds.y_train))
+    _check_settings(cfg, len(ds.y_train))
     ckpt = os.path.join(cfg.out, CHECKPOINT_NAME) if cfg.out else None
     state = init_state(cfg, ds) if init is None else init
     state, start, history = _resume(cfg, state, ckpt, verbose=verbose)
@@ -325,18 +327,21 @@ def run(cfg: TrainConfig, ds: Dataset, *, verbose: bool = True,
     verbose = verbose and is_main_process()
     done = (state, start)  # the state after the last completed epoch, and that epoch
     try:
-        for epoch in range(start, cfg.epochs):
-            started = time.perf_counter()
-            state, losses = _train_epoch(step, state, ds, cfg, epoch, put, verbose=verbose)
-            _check_finite(losses, epoch, ckpt, saved)
-            history.append(_evaluate(state, losses, ds, cfg, epoch, host, started=started))
-            done = (state, epoch + 1)
-            if verbose:
-                _log_epoch(history[-1], cfg.epochs)
-            if ckpt and cfg.checkpoint_every and (epoch + 1) % cfg.checkpoint_every == 0:
-                if is_main_process():
-                    save_checkpoint(ckpt, state, epoch=epoch + 1, cfg=cfg, history=history)
-                saved = epoch + 1
+        with ctrl_c_stops():
+            for epoch in range(start, cfg.epochs):
+                started = time.perf_counter()
+                state, losses = _train_epoch(step, state, ds, cfg, epoch, put,
+                                             verbose=verbose)
+                _check_finite(losses, epoch, ckpt, saved)
+                history.append(_evaluate(state, losses, ds, cfg, epoch, host, started=started))
+                done = (state, epoch + 1)
+                if verbose:
+                    _log_epoch(history[-1], cfg.epochs)
+                if ckpt and cfg.checkpoint_every and (epoch + 1) % cfg.checkpoint_every == 0:
+                    if is_main_process():
+                        save_checkpoint(ckpt, state, epoch=epoch + 1, cfg=cfg, history=history)
+                    saved = epoch + 1
+                stop_if_pressed()
     except KeyboardInterrupt:
         if ckpt is None:
             raise
@@ -344,7 +349,7 @@ def run(cfg: TrainConfig, ds: Dataset, *, verbose: bool = True,
     return RunResult(state, history, time.perf_counter() - t0, start)
 
 
-def check_settings(cfg: TrainConfig, n: int) -> None:
+def _check_settings(cfg: TrainConfig, n: int) -> None:
     """ValueError unless the batch size fits ``n`` training examples and the devices."""
     if cfg.batch_size < 2 or cfg.batch_size > n:
         raise ValueError(f"Expected 2 <= batch size <= {n} (training examples), "
@@ -382,7 +387,8 @@ def _placement(cfg: TrainConfig, state: TrainState):
 
 def _train_epoch(step, state: TrainState, ds: Dataset, cfg: TrainConfig, epoch: int, put,
                  *, verbose: bool) -> tuple[TrainState, np.ndarray]:
-    """The steps of one epoch (the incomplete last batch dropped); ``(state, losses)``."""
+    """The steps of one epoch (the incomplete last batch dropped); ``(state, losses)``.
+    KeyboardInterrupt after a step if Ctrl-C was pressed."""
     order = epoch_order(cfg.seed, epoch, len(ds.y_train))
     losses = []
     with progress.bar(len(order) // cfg.batch_size, f"epoch {epoch + 1}/{cfg.epochs}",
@@ -392,6 +398,7 @@ def _train_epoch(step, state: TrainState, ds: Dataset, cfg: TrainConfig, epoch: 
             state, loss = step(state, put(ds.x_train[idx]), put(ds.y_train[idx]))
             losses.append(loss)
             bar.update()
+            stop_if_pressed()
     return state, np.array([np.asarray(v) for v in jax.device_get(losses)])
 
 
@@ -423,6 +430,41 @@ def _log_epoch(rec: dict[str, float], epochs: int) -> None:
     progress.log(f"epoch {rec['epoch']:3d}/{epochs}  loss {rec['train_loss']:.4f}  "
                  f"train acc {100 * rec['train_accuracy']:6.2f}%  "
                  f"test acc {100 * rec['test_accuracy']:6.2f}%  ({rec['epoch_time_s']:.2f} s)")
+
+
+_CTRL_C = threading.Event()  # set by the first Ctrl-C within ctrl_c_stops()
+
+
+def _on_sigint(signum, frame):
+    if _CTRL_C.is_set():
+        raise KeyboardInterrupt  # the second Ctrl-C: at once
+    _CTRL_C.set()
+
+
+@contextlib.contextmanager
+def ctrl_c_stops():
+    """Within: the first Ctrl-C (SIGINT) only sets a flag, and :func:`stop_if_pressed` raises
+    KeyboardInterrupt where the code calls it (the loop: after every step and epoch), never
+    wherever Python happens to be (inside jax's compiler or a jax callback, where it is lost
+    or leaves jax unable to shut down cleanly). A second Ctrl-C raises at once. Nested uses
+    share the flag; a SIGINT that is ignored (nohup, a background job) is left alone."""
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+        yield
+        return
+    _CTRL_C.clear()
+    signal.signal(signal.SIGINT, _on_sigint)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        _CTRL_C.clear()
+
+
+def stop_if_pressed() -> None:
+    """KeyboardInterrupt if Ctrl-C was pressed within :func:`ctrl_c_stops`."""
+    if _CTRL_C.is_set():
+        raise KeyboardInterrupt
 
 
 def _save_interrupted(ckpt: str, state: TrainState, epoch: int, *, cfg: TrainConfig,
