@@ -94,11 +94,12 @@ def _step_time_bars(ax, names: list[str], results: dict) -> None:
     noise = results["step_time_within_noise"]
     ax.bar(names, times, yerr=[s / 2 for s in spread], capsize=6,
            color="0.7" if noise else ["C0", "C1", "C2"][:len(names)])
+    top = max(t + s / 2 for t, s in zip(times, spread))
     for i, (t, s) in enumerate(zip(times, spread)):
         label = (f"{t:.3f} \u00b1 {s / 2:.3f}" if noise
                  else f"{t:.3f} ({t / times[0]:.2f}x)")
-        ax.text(i, t + s / 2, label, ha="center", va="bottom")
-    ax.set_ylim(0, 1.25 * max(t + s / 2 for t, s in zip(times, spread)))
+        ax.text(i, t + s / 2 + 0.03 * top, label, ha="center", va="bottom")
+    ax.set_ylim(0, 1.3 * top)
     ax.set(xlabel="backward implementation",
            ylabel="ms per train step (median; bar: spread of rounds)",
            title="Train step time: differences within noise,\nnot a ranking" if noise
