@@ -205,7 +205,6 @@ def test_ctrl_c_in_the_first_epoch_says_there_is_nothing_to_resume(tmp_path, cap
 
 
 @pytest.mark.slow
-@pytest.mark.slow
 def test_ctrl_c_before_training_stops_after_the_first_step(tmp_path, capsys, monkeypatch):
     real = cli.commands.load_data
 
@@ -224,6 +223,7 @@ def test_ctrl_c_before_training_stops_after_the_first_step(tmp_path, capsys, mon
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
 
 
+@pytest.mark.slow
 def test_resume_rejects_other_settings(tmp_path, capsys):
     out = str(tmp_path / "run")
     assert cli.main([*BASE, "--epochs", "1", "--checkpoint-every", "1", "--out", out]) == 0
