@@ -9,8 +9,6 @@ from helpers import assert_trees_all_close, x64
 
 import jaxbn
 
-pytestmark = pytest.mark.filterwarnings("error")
-
 PUBLIC = [
     "BatchNormParams",
     "RunningStats",

@@ -10,8 +10,6 @@ import pytest
 import jaxbn
 from jaxbn.reference import batch_norm_autodiff, batch_norm_staged
 
-pytestmark = pytest.mark.filterwarnings("error")
-
 X = np.random.default_rng(0).normal(size=(4, 3)).astype(np.float32)
 X4 = np.random.default_rng(1).normal(size=(2, 3, 3, 6)).astype(np.float32)
 P3 = jaxbn.init(3)

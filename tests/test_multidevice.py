@@ -20,8 +20,6 @@ from test_batch_norm import np_batch_norm
 import jaxbn
 from jaxbn.reference import batch_norm_autodiff, batch_norm_staged
 
-pytestmark = pytest.mark.filterwarnings("error")
-
 IMPLS = {"custom": jaxbn.batch_norm, "autodiff": batch_norm_autodiff, "staged": batch_norm_staged}
 NDEV = 8
 SHAPES = {"ND": (16, 3), "NHWC": (16, 2, 2, 3)}  # two examples per device

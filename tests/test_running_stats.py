@@ -10,8 +10,6 @@ from helpers import RTOL32, RTOL64, as_dtype, assert_trees_all_close, data, para
 
 import jaxbn
 
-pytestmark = pytest.mark.filterwarnings("error")
-
 DTYPES = [np.float32, np.float64]
 
 

@@ -11,8 +11,6 @@ from helpers import RTOL32, RTOL64, as_dtype, assert_trees_all_close, data, para
 import jaxbn
 from jaxbn.reference import batch_norm_autodiff, batch_norm_staged
 
-pytestmark = pytest.mark.filterwarnings("error")
-
 IMPLS = {"custom": jaxbn.batch_norm, "staged": batch_norm_staged}
 DTYPES = [np.float32, np.float64]
 
