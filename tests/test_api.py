@@ -114,8 +114,3 @@ def test_dict_params_accepted_everywhere():
     assert set(gd) == {"gamma", "beta"}
     assert_trees_all_close((gd["gamma"], gd["beta"]), tuple(gn), rtol=0, atol=0)
 
-
-def test_docstring_example_runs():
-    x = jax.random.normal(jax.random.key(0), (32, 4)) * 3 + 1
-    y = jaxbn.batch_norm(jaxbn.init(4), x)
-    assert bool(jnp.allclose(y.mean(0), 0, atol=1e-6))
