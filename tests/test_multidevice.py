@@ -77,24 +77,27 @@ def test_shard_map_grad_outside(mesh, layout, check_vma):
     _assert_each_close(got, want)
 
 
+def _grads_inside(g, b, x, ct):
+    """Inside shard_map, for every implementation: ``(y, (dx, dgamma, dbeta))`` by jax.grad
+    of ``sum(y * ct)``, statistics shared over the mapped axis "b"."""
+    out = {}
+    for name, impl in IMPLS.items():
+        def loss(x, g, b, impl=impl):
+            y = impl(jaxbn.BatchNormParams(g, b), x, axis_name="b")
+            return jnp.sum(y * ct), y
+
+        grads, y = jax.grad(loss, (0, 1, 2), has_aux=True)(x, g, b)
+        out[name] = (y, grads)
+    return out
+
+
 @pytest.mark.parametrize("layout", list(SHAPES))
 def test_shard_map_grad_inside_check_vma(mesh, layout):
     """grad inside shard_map, param grads out with P(): replicated full-batch dgamma/dbeta."""
     with x64(np.float64):
         x, g, b, ct = _float64_inputs(SHAPES[layout], seed=10)
         want = value_and_vjp_each(IMPLS, x, g, b, ct)
-
-        def local(g, b, x, ct):
-            out = {}
-            for name, impl in IMPLS.items():
-                def loss(x, g, b, impl=impl):
-                    return jnp.sum(impl(jaxbn.BatchNormParams(g, b), x, axis_name="b") * ct)
-
-                y = impl(jaxbn.BatchNormParams(g, b), x, axis_name="b")
-                out[name] = (y, jax.grad(loss, (0, 1, 2))(x, g, b))
-            return out
-
-        sm = jax.shard_map(local, mesh=mesh, in_specs=(P(), P(), P("b"), P("b")),
+        sm = jax.shard_map(_grads_inside, mesh=mesh, in_specs=(P(), P(), P("b"), P("b")),
                            out_specs=_each((P("b"), (P("b"), P(), P()))))
         xs, cts = _shard(mesh, x, ct)
         got = jax.jit(sm)(g, b, xs, cts)
@@ -117,14 +120,8 @@ def test_shard_map_grad_inside_without_check_vma(mesh):
         want = value_and_vjp_each(IMPLS, x, g, b, ct)
 
         def local(g, b, x, ct):
-            out = {}
-            for name, impl in IMPLS.items():
-                def loss(x, g, b, impl=impl):
-                    return jnp.sum(impl(jaxbn.BatchNormParams(g, b), x, axis_name="b") * ct)
-
-                dx, dg, db = jax.grad(loss, (0, 1, 2))(x, g, b)
-                out[name] = (dx, lax.psum(dg, "b"), lax.psum(db, "b"), dg[None], db[None])
-            return out
+            return {name: (dx, lax.psum(dg, "b"), lax.psum(db, "b"), dg[None], db[None])
+                    for name, (_, (dx, dg, db)) in _grads_inside(g, b, x, ct).items()}
 
         sm = jax.shard_map(local, mesh=mesh, in_specs=(P(), P(), P("b"), P("b")),
                            out_specs=_each((P("b"), P(), P(), P("b"), P("b"))), check_vma=False)
