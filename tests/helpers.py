@@ -10,6 +10,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from oracles import feature_axes
 
 import jaxbn
@@ -93,6 +94,17 @@ MASK_CASES = {
 
 # Multi-device masks: kept rows per device (4 rows each), unequal, one device with none.
 KEPT_PER_DEVICE = [0, 4, 1, 3, 2, 4, 1, 0]
+
+
+
+
+def dtype_cases(cases, float32_ids):
+    """``pytest.param``s: every case in float64, whose 1e-10 tolerance catches any slip in
+    the axis/shape logic, and the ``float32_ids`` cases (one per layout) in float32 too,
+    where the same logic only meets a looser, rounding-sized tolerance."""
+    params = [pytest.param(*case, np.float64, id=f"{key}-float64") for key, case in cases.items()]
+    return params + [pytest.param(*cases[key], np.float32, id=f"{key}-float32")
+                     for key in float32_ids]
 
 
 # ----------------------------------------------------------------- inputs

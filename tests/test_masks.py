@@ -14,6 +14,7 @@ from helpers import (
     RTOL64,
     as_dtype,
     assert_trees_all_close,
+    dtype_cases,
     make_inputs,
     make_mask,
     rounded,
@@ -49,9 +50,12 @@ def _kept_rows(a, full_mask, axis):
     return a[np.moveaxis(full_mask, axis, -1)[..., 0]]
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize(("shape", "axis", "mask_shape"), list(MASK_CASES.values()),
-                         ids=list(MASK_CASES))
+# One mask case per layout: (N, D), NHWC masked over (N, H, W), NCHW masked over (N, H, W).
+LAYOUT_CASES = ["ND-N", "NHWC-NHW", "NCHW-NHW"]
+
+
+@pytest.mark.parametrize(("shape", "axis", "mask_shape", "dtype"),
+                         dtype_cases(MASK_CASES, float32_ids=LAYOUT_CASES))
 def test_masked_implementations_match_numpy_oracle(shape, axis, mask_shape, dtype):
     """Every implementation equals the NumPy CS231n oracle with a keep-mask; garbage in
     the masked-out entries reaches nothing, and their y and dx are exactly 0."""
@@ -70,12 +74,8 @@ def test_masked_implementations_match_numpy_oracle(shape, axis, mask_shape, dtyp
         np.testing.assert_array_equal(np.asarray(grads[0])[~full], 0, err_msg=f"{name}: masked dx")
 
 
-# One mask case per layout: (N, D), NHWC masked over (N, H, W), NCHW masked over (N, H, W).
-KEPT_CASES = ["ND-N", "NHWC-NHW", "NCHW-NHW"]
-
-
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("case", KEPT_CASES)
+@pytest.mark.parametrize("case", LAYOUT_CASES)
 def test_masked_equals_batch_norm_of_kept_entries(case, dtype):
     """A second oracle for the masked semantics: the unmasked batch norm of the kept entries."""
     shape, axis, mask_shape = MASK_CASES[case]
