@@ -26,10 +26,6 @@ import jaxbn
 from jaxbn.reference import batch_norm_autodiff
 
 
-def _inputs(shape, seed=0):
-    return make_inputs(shape, seed=seed, loc=0.3, scale=1.5)
-
-
 def loss_fn(impl, ct):
     """A non-symmetric scalar loss so every term of the backward pass matters."""
     return lambda x, g, b: jnp.sum(jnp.tanh(impl(jaxbn.BatchNormParams(g, b), x)) * ct)
@@ -47,7 +43,7 @@ def _assert_match_autodiff(derivative, args, rtol, impls=HAND_WRITTEN):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_jit_equals_eager(dtype):
-    x, g, b, _ = _inputs((6, 4))
+    x, g, b, _ = make_inputs((6, 4))
     with x64(dtype):
         x, g, b = as_dtype((x, g, b), dtype)
         p = jaxbn.BatchNormParams(g, b)
@@ -87,7 +83,7 @@ def test_vmap_ensemble_equals_python_loop(impl, dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_grad_matches_autodiff(dtype):
-    x, g, b, ct = _inputs((7, 3), seed=5)
+    x, g, b, ct = make_inputs((7, 3), seed=5)
 
     def grad(impl):
         return lambda x, g, b, ct: jax.grad(loss_fn(impl, ct), (0, 1, 2))(x, g, b)
@@ -99,7 +95,7 @@ def test_grad_matches_autodiff(dtype):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_grad_of_grad_matches_autodiff(dtype):
     """Reverse-over-reverse: the closed-form backward is itself differentiable."""
-    x, g, b, ct = _inputs((6, 3), seed=7)
+    x, g, b, ct = make_inputs((6, 3), seed=7)
     v = data(8, (6, 3))
 
     def second(impl):
@@ -118,7 +114,7 @@ def test_grad_of_grad_matches_autodiff(dtype):
                          ids=["float32", "float64"])
 def test_hessian_matches_autodiff(dtype, impls):
     """jax.hessian is forward-over-reverse: forward mode through the backward pass."""
-    x, g, b, ct = _inputs((4, 2), seed=9)
+    x, g, b, ct = make_inputs((4, 2), seed=9)
 
     def hessian(impl):
         return lambda x, g, b, ct: jax.hessian(loss_fn(impl, ct), (0, 1, 2))(x, g, b)
