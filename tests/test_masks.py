@@ -122,7 +122,8 @@ def _sin_penalty_grads(x, gamma, beta, mask):
             for name, impl in IMPLS.items()}
 
 
-@pytest.mark.parametrize(("shape", "mask_shape"), [((5, 3), (5,)), ((3, 2, 2, 4), (3, 2, 2))])
+@pytest.mark.parametrize(("shape", "mask_shape"), [((5, 3), (5,)), ((3, 2, 2, 4), (3, 2, 2))],
+                         ids=["ND", "NHWC"])
 def test_all_masked_gives_zeros_without_nan(shape, mask_shape):
     x, g, b, dy = as_dtype(make_inputs(shape, seed=30), jnp.float32)
     mask = jnp.zeros(mask_shape, bool)
