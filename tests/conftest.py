@@ -1,21 +1,11 @@
-"""Test configuration for jaxbn.
+"""Test configuration for jaxbn: the environment of ``_env.configure`` (eight host CPU
+devices, strict dtype promotion), set before any test module imports jax."""
 
-Eight host CPU devices are requested *before* jax is imported so that the
-multi-device tests (shard_map, pmap, NamedSharding) have a mesh to run on, and
-dtype promotion is strict so that an accidental float32/float64 mix in jaxbn
-raises instead of silently promoting.
-"""
+import _env
 
-import os
-
-_FLAG = "--xla_force_host_platform_device_count=8"
-if _FLAG not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _FLAG).strip()
+_env.configure()
 
 import jax  # noqa: E402
-
-jax.config.update("jax_numpy_dtype_promotion", "strict")
-
 import pytest  # noqa: E402
 
 

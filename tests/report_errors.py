@@ -4,7 +4,8 @@ Run from the repository root:  python tests/report_errors.py
 (Not collected by pytest: the name does not start with ``test_``.)
 
 Relative error = max|a - b| / max|b| over every array of a result (y, dx,
-dgamma, dbeta), maximized over the shapes of the corresponding tests.
+dgamma, dbeta), maximized over the cases of the corresponding tests (the case
+lists, inputs and oracles are the tests' own: ``helpers.py``, ``oracles.py``).
 """
 
 from __future__ import annotations
@@ -13,25 +14,49 @@ import os
 import sys
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:0] = [_HERE, os.path.dirname(_HERE)]
-_FLAG = "--xla_force_host_platform_device_count=8"
-if _FLAG not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _FLAG).strip()
+sys.path[:0] = [_HERE, os.path.dirname(_HERE)]  # as pytest's pythonpath: tests/ and the root
+
+import _env  # noqa: E402
+
+_env.configure()  # the test environment, before jax is imported
 
 import jax  # noqa: E402
-
-jax.config.update("jax_numpy_dtype_promotion", "strict")
-
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-from helpers import RTOL32, RTOL64, as_dtype, max_rel_err, rounded, x64  # noqa: E402
+from helpers import (  # noqa: E402
+    BN_CASES,
+    DTYPES,
+    GROUP_CASES,
+    HALF_DTYPES,
+    IMPLS,
+    KEPT_PER_DEVICE,
+    LAYER_CASES,
+    MASK_CASES,
+    RTOL64,
+    RTOL_HALF,
+    RTOL_OFFSET,
+    as_dtype,
+    make_inputs,
+    make_mask,
+    max_rel_err,
+    norm_vjp,
+    rounded,
+    rtol_for,
+    value_and_vjp_each,
+    x64,
+)
+from jax import lax  # noqa: E402
 from jax.sharding import NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
+from oracles import (  # noqa: E402
+    group_norm_naive,
+    layer_norm_naive,
+    np_batch_norm,
+    np_group_norm,
+    np_layer_norm,
+)
 
 import jaxbn  # noqa: E402
-
-IMPLS = {"custom": jaxbn.batch_norm, "autodiff": jaxbn.reference.batch_norm_autodiff,
-         "staged": jaxbn.reference.batch_norm_staged}
 
 
 def table(title, rows, header=("comparison", "max rel err", "tolerance")):
@@ -42,180 +67,152 @@ def table(title, rows, header=("comparison", "max rel err", "tolerance")):
         print("| " + " | ".join(f"{v:.2e}" if isinstance(v, float) else str(v) for v in row) + " |")
 
 
-def batch_norm_tables():
-    import test_batch_norm as tb
+def worst(errs, key, err):
+    errs[key] = max(errs.get(key, 0.0), err)
 
-    for dtype, tol in ((np.float32, RTOL32), (np.float64, RTOL64)):
+
+def batch_norm_tables():
+    for dtype in DTYPES:
         errs = {}
-        for shape, axis in tb.CASES:
-            inputs = tb.make_inputs(shape, axis)
-            ref = tb.np_batch_norm(*rounded(inputs, dtype), axis=axis)
+        for shape, axis in BN_CASES.values():
+            inputs = make_inputs(shape, axis)
+            ref = np_batch_norm(*rounded(inputs, dtype), axis=axis)
             with x64(dtype):
-                out = {k: jax.tree.map(np.asarray, tb.value_and_vjp(f, *as_dtype(inputs, dtype),
-                                                                    axis=axis))
-                       for k, f in IMPLS.items()}
-            pairs = {
-                "custom vs autodiff": (out["custom"], out["autodiff"]),
-                "custom vs staged": (out["custom"], out["staged"]),
-                "staged vs autodiff": (out["staged"], out["autodiff"]),
-                "custom vs NumPy CS231n (f64)": (out["custom"], ref),
-                "autodiff vs NumPy CS231n (f64)": (out["autodiff"], ref),
-                "staged vs NumPy CS231n (f64)": (out["staged"], ref),
-            }
-            for k, (a, b) in pairs.items():
-                errs[k] = max(errs.get(k, 0.0), max_rel_err(a, b))
-        table(f"batch norm, {np.dtype(dtype).name} (y, dx, dgamma, dbeta; {len(tb.CASES)} "
-              "shapes: ND, NHWC, NCHW axis=1, tuple axes, axis=0)",
-              [(k, v, tol) for k, v in errs.items()])
+                out = jax.tree.map(np.asarray,
+                                   value_and_vjp_each(IMPLS, *as_dtype(inputs, dtype), axis=axis))
+            for a, b in (("custom", "autodiff"), ("custom", "staged"), ("staged", "autodiff")):
+                worst(errs, f"{a} vs {b}", max_rel_err(out[a], out[b]))
+            for name in IMPLS:
+                worst(errs, f"{name} vs NumPy CS231n (f64)", max_rel_err(out[name], ref))
+        table(f"batch norm, {np.dtype(dtype).name} (y, dx, dgamma, dbeta; {len(BN_CASES)} "
+              f"shapes: {', '.join(BN_CASES)})", [(k, v, rtol_for(dtype)) for k, v in errs.items()])
 
 
 def special_tables():
-    import test_batch_norm as tb
-
     rows = []
-    x, g, b, dy = tb.make_inputs((16, 3, 3, 4), -1, seed=50)
-    x = x + 50.0  # as in test_half_precision_keeps_dtype_and_matches_float32
-    for dtype, tol in ((jnp.bfloat16, tb.RTOL_HALF[jnp.bfloat16]),
-                       (jnp.float16, tb.RTOL_HALF[jnp.float16])):
-        for name, f in IMPLS.items():
-            h = as_dtype((x, g, b, dy), dtype)
-            got = tb.value_and_vjp(f, *h)
-            want = tb.value_and_vjp(f, *[a.astype(jnp.float32) for a in h])
-            rows.append((f"{np.dtype(dtype).name} {name} vs float32 on same values", max_rel_err(
-                jax.tree.map(lambda a: np.asarray(a, np.float32), got), want), tol))
-    x, g, b, dy = tb.make_inputs((256, 3), -1, seed=60)
+    x, g, b, dy = make_inputs((16, 3, 3, 4), -1, seed=50)
+    for dtype in HALF_DTYPES:  # as in test_half_precision_keeps_dtype_and_matches_float32
+        half = as_dtype((x + 50.0, g, b, dy), dtype)
+        got = value_and_vjp_each(IMPLS, *half)
+        want = value_and_vjp_each(IMPLS, *[a.astype(jnp.float32) for a in half])
+        rows += [(f"{np.dtype(dtype).name} {name} vs float32 on same values",
+                  max_rel_err(jax.tree.map(lambda a: np.asarray(a, np.float32), got[name]),
+                              want[name]), RTOL_HALF[dtype]) for name in IMPLS]
+    x, g, b, dy = make_inputs((256, 3), -1, seed=60)
     x = (1e4 + (x - x.mean(0)) / x.std(0)).astype(np.float32)
-    ref = tb.np_batch_norm(*rounded((x, g, b, dy), np.float32))
-    for name, f in IMPLS.items():
-        got = tb.value_and_vjp(f, *as_dtype((x, g, b, dy), np.float32))
-        rows.append((f"float32 mean 1e4 std 1: {name} vs NumPy f64", max_rel_err(got, ref),
-                     tb.RTOL_OFFSET))
+    ref = np_batch_norm(*rounded((x, g, b, dy), np.float32))
+    got = value_and_vjp_each(IMPLS, *as_dtype((x, g, b, dy), np.float32))
+    rows += [(f"float32 mean 1e4 std 1: {name} vs NumPy f64", max_rel_err(got[name], ref),
+              RTOL_OFFSET) for name in IMPLS]
     table("half precision and large offset", rows)
 
 
 def family_tables():
-    import test_family as tf
-
-    rows = []
+    rows, errs = [], {}
     with x64(np.float64):
-        lerr = {"vs NumPy": 0.0, "vs jax.vjp(naive jnp)": 0.0}
-        for shape, axis in tf.LAYER_CASES:
-            inputs = tf._layer_inputs(shape, axis, seed=0)
-            ref = tf.np_layer_norm(*inputs, axis=axis)
-            args = as_dtype(inputs, np.float64)
-            got = tf.jax_value_and_vjp(
-                lambda x, g, b: jaxbn.layer_norm(jaxbn.BatchNormParams(g, b), x, axis=axis), *args)
-            naive = tf.jax_value_and_vjp(lambda x, g, b: tf.layer_norm_naive(g, b, x, axis), *args)
-            lerr["vs NumPy"] = max(lerr["vs NumPy"], max_rel_err(got, ref))
-            lerr["vs jax.vjp(naive jnp)"] = max(lerr["vs jax.vjp(naive jnp)"],
-                                                 max_rel_err(got, naive))
-        rows += [(f"layer_norm {k} ({len(tf.LAYER_CASES)} shapes)", v, RTOL64)
-                 for k, v in lerr.items()]
-        for shape, groups in tf.GROUP_CASES:
-            inputs = tf._group_inputs(shape, seed=20)
-            ref = tf.np_group_norm(*inputs, num_groups=groups)
-            args = as_dtype(inputs, np.float64)
-            got = tf.jax_value_and_vjp(
-                lambda x, g, b: jaxbn.group_norm(jaxbn.BatchNormParams(g, b), x, groups), *args)
-            naive = tf.jax_value_and_vjp(lambda x, g, b: tf.group_norm_naive(g, b, x, groups),
-                                         *args)
+        norms = {"jaxbn": jaxbn.layer_norm,
+                 "naive": lambda p, x, axis: layer_norm_naive(p.gamma, p.beta, x, axis)}
+        for shape, axis in LAYER_CASES.values():
+            inputs = make_inputs(shape, axis)
+            out = value_and_vjp_each(norms, *as_dtype(inputs, np.float64), axis=axis)
+            worst(errs, "vs NumPy", max_rel_err(out["jaxbn"], np_layer_norm(*inputs, axis=axis)))
+            worst(errs, "vs jax.vjp(naive jnp)", max_rel_err(out["jaxbn"], out["naive"]))
+        rows += [(f"layer_norm {k} ({len(LAYER_CASES)} shapes)", v, RTOL64)
+                 for k, v in errs.items()]
+        norms = {"jaxbn": jaxbn.group_norm,
+                 "naive": lambda p, x, num_groups: group_norm_naive(p.gamma, p.beta, x, num_groups)}
+        for shape, groups in GROUP_CASES.values():
+            inputs = make_inputs(shape)
+            out = value_and_vjp_each(norms, *as_dtype(inputs, np.float64), num_groups=groups)
+            ref = np_group_norm(*inputs, num_groups=groups)
             rows.append((f"group_norm {shape} G={groups}: vs NumPy / vs naive",
-                         f"{max_rel_err(got, ref):.2e} / {max_rel_err(got, naive):.2e}", RTOL64))
+                         f"{max_rel_err(out['jaxbn'], ref):.2e} / "
+                         f"{max_rel_err(out['jaxbn'], out['naive']):.2e}", RTOL64))
     table("normalization family, float64 (y, dx, dgamma, dbeta)", rows)
 
 
 def mask_tables():
-    import test_batch_norm as tb
-    import test_masks as tm
-
-    errs = {k: 0.0 for k in IMPLS}
+    errs = {}
     with x64(np.float64):
-        for shape, axis, mask_shape in tm.MASK_CASES:
-            x, g, b, dy = tm._inputs(shape, axis, seed=10)
-            mask = tm.make_mask(mask_shape, seed=11)
+        for shape, axis, mask_shape in MASK_CASES.values():
+            x, g, b, dy = make_inputs(shape, axis, seed=10)
+            mask = make_mask(mask_shape, seed=11)
             np_mask = mask if mask.ndim < len(shape) else np.squeeze(mask, axis % len(shape))
-            ref = tb.np_batch_norm(x, g, b, dy, axis=axis, mask=np_mask)
-            for k, f in IMPLS.items():
-                got = tm.value_and_vjp(f, *as_dtype((x, g, b, dy), np.float64), jnp.asarray(mask),
-                                       axis=axis)
-                errs[k] = max(errs[k], max_rel_err(got, ref))
-    table(f"masked batch norm, float64, vs NumPy CS231n with mask ({len(tm.MASK_CASES)} mask "
-          "shapes)", [(f"{k} vs NumPy", v, RTOL64) for k, v in errs.items()])
+            ref = np_batch_norm(x, g, b, dy, axis=axis, mask=np_mask)
+            out = value_and_vjp_each(IMPLS, *as_dtype((x, g, b, dy), np.float64),
+                                     mask=jnp.asarray(mask), axis=axis)
+            for name in IMPLS:
+                worst(errs, f"{name} vs NumPy", max_rel_err(out[name], ref))
+    table(f"masked batch norm, float64, vs NumPy CS231n with mask ({len(MASK_CASES)} mask "
+          "shapes)", [(k, v, RTOL64) for k, v in errs.items()])
 
 
 def multidevice_tables():
-    import test_multidevice as tmd
-    from jax import lax
-
-    mesh = jax.make_mesh((8,), ("b",))
+    mesh = jax.make_mesh((_env.DEVICE_COUNT,), ("b",))
     shard = lambda *a: [jax.device_put(v, NamedSharding(mesh, P("b"))) for v in a]  # noqa: E731
-    rows = []
+    each = lambda spec: {name: spec for name in IMPLS}  # noqa: E731
+    errs = {}
+
+    def record(label, got, want):
+        for name in IMPLS:
+            errs[f"{name}: {label}"] = max_rel_err(got[name], want[name])
+
+    def local(g, b, x, ct, psum=False, **kw):
+        out = {}
+        for name, impl in IMPLS.items():
+            y, (dx, dg, db) = norm_vjp(impl, x, g, b, ct, axis_name="b", **kw)
+            if psum:
+                dg, db = lax.psum(dg, "b"), lax.psum(db, "b")
+            out[name] = (y, (dx, dg, db))
+        return out
+
     with x64(np.float64):
-        for name, f in IMPLS.items():
-            errs = {}
-            x, g, b, ct = as_dtype(tmd._inputs((16, 2, 2, 3)), np.float64)
-            want = tmd.single_device(f, x, g, b, ct)
-            for vma in (True, False):
-                bn = jax.shard_map(
-                    lambda g, b, x: f(jaxbn.BatchNormParams(g, b), x, axis_name="b"),
-                    mesh=mesh, in_specs=(P(), P(), P("b")), out_specs=P("b"), check_vma=vma)
-                run = jax.jit(lambda x, g, b, ct: (lambda y, vjp: (y, vjp(ct)))(
-                    *jax.vjp(lambda x, g, b: bn(g, b, x), x, g, b)))
-                xs, cts = shard(x, ct)
-                errs[f"shard_map vma={vma}, grad outside"] = max_rel_err(run(xs, g, b, cts), want)
-
-            def local(g, b, x, ct, psum):
-                y, vjp = jax.vjp(lambda x, g, b: f(jaxbn.BatchNormParams(g, b), x, axis_name="b"),
-                                 x, g, b)
-                dx, dg, db = vjp(ct)
-                if psum:
-                    dg, db = lax.psum(dg, "b"), lax.psum(db, "b")
-                return y, (dx, dg, db)
-
-            for vma in (True, False):
-                sm = jax.shard_map(lambda g, b, x, ct: local(g, b, x, ct, not vma), mesh=mesh,
-                                   in_specs=(P(), P(), P("b"), P("b")),
-                                   out_specs=(P("b"), (P("b"), P(), P())), check_vma=vma)
-                xs, cts = shard(x, ct)
-                label = "grad inside, out_specs P()" + ("" if vma else " + explicit psum")
-                errs[f"shard_map vma={vma}, {label}"] = max_rel_err(jax.jit(sm)(g, b, xs, cts),
-                                                                    want)
-            split = lambda a: a.reshape((8, -1) + a.shape[1:])  # noqa: E731
-            y, (dx, dg, db) = jax.pmap(
-                lambda g, b, x, ct: (lambda y, vjp: (y, vjp(ct)))(*jax.vjp(
-                    lambda x, g, b: f(jaxbn.BatchNormParams(g, b), x, axis_name="i"), x, g, b)),
-                axis_name="i", in_axes=(None, None, 0, 0))(g, b, split(x), split(ct))
-            errs["pmap (y, dx, sum of per-device dgamma/dbeta)"] = max_rel_err(
-                (np.asarray(y).reshape(x.shape), (np.asarray(dx).reshape(x.shape),
-                                                  np.asarray(dg).sum(0), np.asarray(db).sum(0))),
-                want)
-            xv, gv, bv, ctv = as_dtype(tmd._inputs((6, 2, 2, 3), seed=40), np.float64)
-            per = jax.vmap(lambda g, b, xi: f(jaxbn.BatchNormParams(g, b), xi, axis_name="n"),
-                           in_axes=(None, None, 0), axis_name="n")
-            got = jax.jit(lambda x, g, b, ct: (lambda y, vjp: (y, vjp(ct)))(
-                *jax.vjp(lambda x, g, b: per(g, b, x), x, g, b)))(xv, gv, bv, ctv)
-            errs["vmap(axis_name) per example"] = max_rel_err(
-                got, tmd.single_device(f, xv, gv, bv, ctv))
-            xm, gm, bm, ctm = as_dtype(tmd._inputs((32, 3), seed=50), np.float64)
-            mask = np.zeros(32, bool)
-            for d, k in enumerate(tmd.KEPT_PER_DEVICE):
-                mask[4 * d: 4 * d + k] = True
-            m = jnp.asarray(mask)
-            sm = jax.shard_map(
-                lambda g, b, x, ct, m: (lambda y, vjp: (y, vjp(ct)))(*jax.vjp(
-                    lambda x, g, b: f(jaxbn.BatchNormParams(g, b), x, axis_name="b", mask=m),
-                    x, g, b)),
-                mesh=mesh, in_specs=(P(), P(), P("b"), P("b"), P("b")),
-                out_specs=(P("b"), (P("b"), P(), P())))
-            errs[f"shard_map, masks kept/device {tmd.KEPT_PER_DEVICE}"] = max_rel_err(
-                jax.jit(sm)(gm, bm, *shard(xm, ctm, m)), tmd.single_device(f, xm, gm, bm, ctm, m))
-            xs, cts = shard(x, ct)
-            got = jax.jit(lambda x, g, b, ct: (lambda y, vjp: (y, vjp(ct)))(
-                *jax.vjp(lambda x, g, b: f(jaxbn.BatchNormParams(g, b), x), x, g, b)))(
-                xs, g, b, cts)
-            errs["jit + NamedSharding(P('b')), no axis_name"] = max_rel_err(got, want)
-            rows += [(f"{name}: {k}", v, RTOL64) for k, v in errs.items()]
-    table("multi-device (8 host CPU devices) vs single-device whole batch, float64", rows)
+        x, g, b, ct = as_dtype(make_inputs((16, 2, 2, 3), loc=2.0, scale=3.0), np.float64)
+        want = value_and_vjp_each(IMPLS, x, g, b, ct)
+        xs, cts = shard(x, ct)
+        for vma in (True, False):
+            sharded = {name: jax.shard_map(
+                lambda p, x, impl=impl: impl(p, x, axis_name="b"), mesh=mesh,
+                in_specs=(P(), P("b")), out_specs=P("b"), check_vma=vma)
+                for name, impl in IMPLS.items()}
+            record(f"shard_map vma={vma}, grad outside",
+                   value_and_vjp_each(sharded, xs, g, b, cts), want)
+        for vma in (True, False):
+            sm = jax.shard_map(lambda g, b, x, ct, vma=vma: local(g, b, x, ct, psum=not vma),
+                               mesh=mesh, in_specs=(P(), P(), P("b"), P("b")),
+                               out_specs=each((P("b"), (P("b"), P(), P()))), check_vma=vma)
+            label = "grad inside, out_specs P()" + ("" if vma else " + explicit psum")
+            record(f"shard_map vma={vma}, {label}", jax.jit(sm)(g, b, xs, cts), want)
+        split = lambda a: a.reshape((_env.DEVICE_COUNT, -1) + a.shape[1:])  # noqa: E731
+        got = jax.pmap(lambda g, b, x, ct: {name: norm_vjp(impl, x, g, b, ct, axis_name="i")
+                                            for name, impl in IMPLS.items()},
+                       axis_name="i", in_axes=(None, None, 0, 0))(g, b, split(x), split(ct))
+        record("pmap (y, dx, sum of per-device dgamma/dbeta)",
+               {name: (y.reshape(x.shape), (dx.reshape(x.shape), dg.sum(0), db.sum(0)))
+                for name, (y, (dx, dg, db)) in got.items()}, want)
+        xv, gv, bv, ctv = as_dtype(make_inputs((6, 2, 2, 3), seed=40, loc=2.0, scale=3.0),
+                                   np.float64)
+        per_example = {name: lambda p, x, impl=impl: jax.vmap(
+            lambda xi: impl(p, xi, axis_name="n"), axis_name="n")(x)
+            for name, impl in IMPLS.items()}
+        record("vmap(axis_name) per example", value_and_vjp_each(per_example, xv, gv, bv, ctv),
+               value_and_vjp_each(IMPLS, xv, gv, bv, ctv))
+        xm, gm, bm, ctm = as_dtype(make_inputs((32, 3), seed=50, loc=2.0, scale=3.0), np.float64)
+        mask = np.zeros(32, bool)
+        for d, k in enumerate(KEPT_PER_DEVICE):
+            mask[4 * d: 4 * d + k] = True
+        m = jnp.asarray(mask)
+        sm = jax.shard_map(lambda g, b, x, ct, m: local(g, b, x, ct, mask=m), mesh=mesh,
+                           in_specs=(P(), P(), P("b"), P("b"), P("b")),
+                           out_specs=each((P("b"), (P("b"), P(), P()))))
+        record(f"shard_map, masks kept/device {KEPT_PER_DEVICE}",
+               jax.jit(sm)(gm, bm, *shard(xm, ctm, m)),
+               value_and_vjp_each(IMPLS, xm, gm, bm, ctm, mask=m))
+        record("jit + NamedSharding(P('b')), no axis_name",
+               value_and_vjp_each(IMPLS, xs, g, b, cts), want)
+    rows = sorted(errs.items(), key=lambda kv: list(IMPLS).index(kv[0].split(":")[0]))
+    table(f"multi-device ({_env.DEVICE_COUNT} host CPU devices) vs single-device whole batch, "
+          "float64", [(k, v, RTOL64) for k, v in rows])
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """The README's Python examples and the docstring examples run as written."""
 
 import doctest
+import inspect
 import pathlib
 import re
 
@@ -10,35 +11,45 @@ import numpy as np
 import pytest
 
 import jaxbn
-from jaxbn import _norms
 
 README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
 
+# The modules that define the public names (private ones included), found from
+# jaxbn.__all__ rather than named, so that moving code between them needs no change here.
+PUBLIC_MODULES = sorted({inspect.getmodule(getattr(jaxbn, name)) for name in jaxbn.__all__},
+                        key=lambda m: m.__name__)
 
-def test_readme_examples_run():
+
+def test_docstring_examples():
+    attempted = 0
+    for module in PUBLIC_MODULES:
+        result = doctest.testmod(module, verbose=False)
+        assert result.failed == 0, f"{result.failed} docstring example(s) failed in {module}"
+        attempted += result.attempted
+    assert attempted > 0, f"no docstring examples found in {PUBLIC_MODULES}"
+
+
+@pytest.fixture(scope="module")
+def readme():
+    """The README's ```python blocks run in one namespace, as a reader would run them."""
     blocks = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
     assert len(blocks) >= 5, "README lost its examples"
     namespace: dict = {}
-    # The blocks build on each other, as a reader would run them in one session.
     exec(compile("\n".join(blocks), str(README), "exec"), namespace)
-    y, x = namespace["y"], namespace["x"]
+    return namespace
+
+
+@pytest.mark.slow
+def test_readme_examples_run(readme):
+    y, x = readme["y"], readme["x"]
     expected = jaxbn.batch_norm(jaxbn.init(64), x)
     assert y.shape == x.shape
     assert float(abs(y - expected).max()) < 1e-5
 
 
-@pytest.mark.parametrize("module", [_norms], ids=lambda m: m.__name__)
-def test_docstring_examples(module):
-    result = doctest.testmod(module, verbose=False)
-    assert result.attempted > 0
-    assert result.failed == 0
-
-
-def test_readme_shard_map_gradients_equal_single_device():
-    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
-    namespace: dict = {}
-    exec(compile("\n".join(blocks), str(README), "exec"), namespace)
-    x, grads = namespace["x"], namespace["grads"]
+@pytest.mark.slow
+def test_readme_shard_map_gradients_equal_single_device(readme):
+    x, grads = readme["x"], readme["grads"]
 
     def single_device_loss(params, x):
         return jnp.sum(jaxbn.batch_norm(params, x) ** 3)
@@ -49,10 +60,8 @@ def test_readme_shard_map_gradients_equal_single_device():
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
 
 
-def test_readme_vmap_axis_name_equals_batch_norm():
-    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
-    namespace: dict = {}
-    exec(compile("\n".join(blocks), str(README), "exec"), namespace)
-    params, per_example = namespace["params"], namespace["per_example"]
-    x = jnp.asarray(np.asarray(namespace["x"]))
+@pytest.mark.slow
+def test_readme_vmap_axis_name_equals_batch_norm(readme):
+    params, per_example = readme["params"], readme["per_example"]
+    x = jnp.asarray(np.asarray(readme["x"]))
     np.testing.assert_allclose(per_example(x), jaxbn.batch_norm(params, x), rtol=1e-6, atol=1e-6)

@@ -10,8 +10,6 @@ import pytest
 import jaxbn
 from jaxbn.reference import batch_norm_autodiff, batch_norm_staged
 
-pytestmark = pytest.mark.filterwarnings("error")
-
 X = np.random.default_rng(0).normal(size=(4, 3)).astype(np.float32)
 X4 = np.random.default_rng(1).normal(size=(2, 3, 3, 6)).astype(np.float32)
 P3 = jaxbn.init(3)
@@ -137,22 +135,32 @@ def test_error(fn, args, exc, match, mode):
         run()
 
 
-def test_error_cases_are_valid_with_the_fix_applied():
-    """The same calls succeed once the one wrong thing is fixed (the checks are not over-eager)."""
-    jax.jit(lambda x: jaxbn.batch_norm(P3, x))(X)
-    jax.jit(lambda x: jaxbn.batch_norm(P6, x, axis=-1))(X4[:1])  # N=1, H*W=9: fine
-    jax.jit(lambda x: jaxbn.batch_norm(jaxbn.init(3), x, axis=1))(X4[:, :, :1, :1])  # N=2
-    jax.jit(lambda x: jaxbn.batch_norm(P3, x, axis=-2))(X.T)
-    jax.jit(lambda x: jaxbn.batch_norm(P3, x, axis=np.int64(-1)))(X)  # NumPy integer axis
-    jax.jit(lambda x: jaxbn.batch_norm(P3, x, axis=[1]))(X)
-    jax.jit(lambda x: jaxbn.batch_norm(jaxbn.init((3, 3)), x, axis=(1, 2)))(X4)
-    jax.jit(lambda x: jaxbn.group_norm(P6, x, 3))(X4)
-    jax.jit(lambda x: jaxbn.group_norm(P6, x, 6))(X4)  # instance norm over H*W=9
-    jax.jit(lambda x: jaxbn.batch_norm_train(P3, S3, x, momentum=0.0))(X)
-    jax.jit(lambda x: jaxbn.batch_norm(P3, x, eps=0))(X)
-    jax.jit(lambda x, m: jaxbn.batch_norm(P3, x, mask=m))(X, np.ones(4, bool))
-    jax.jit(lambda x, m: jaxbn.batch_norm(P6, x, mask=m))(X4, np.ones((3, 1), bool))
-    jax.jit(lambda x: jaxbn.batch_norm(P3, x, axis_name=None))(X)
+# The error cases with the one wrong thing fixed: (id, function, arguments).
+VALID = [
+    ("params-shape", lambda x: jaxbn.batch_norm(P3, x), (X,)),
+    ("nhwc-batch-of-one", lambda x: jaxbn.batch_norm(P6, x, axis=-1), (X4[:1],)),  # H*W=9
+    ("nchw-1x1", lambda x: jaxbn.batch_norm(jaxbn.init(3), x, axis=1), (X4[:, :, :1, :1],)),
+    ("axis-in-range", lambda x: jaxbn.batch_norm(P3, x, axis=-2), (X.T,)),
+    ("numpy-int-axis", lambda x: jaxbn.batch_norm(P3, x, axis=np.int64(-1)), (X,)),
+    ("list-axis", lambda x: jaxbn.batch_norm(P3, x, axis=[1]), (X,)),
+    ("tuple-axis", lambda x: jaxbn.batch_norm(jaxbn.init((3, 3)), x, axis=(1, 2)), (X4,)),
+    ("groups-dividing", lambda x: jaxbn.group_norm(P6, x, 3), (X4,)),
+    ("instance-norm", lambda x: jaxbn.group_norm(P6, x, 6), (X4,)),  # over H*W=9
+    ("momentum-zero", lambda x: jaxbn.batch_norm_train(P3, S3, x, momentum=0.0)[0], (X,)),
+    ("eps-zero", lambda x: jaxbn.batch_norm(P3, x, eps=0), (X,)),
+    ("mask", lambda x, m: jaxbn.batch_norm(P3, x, mask=m), (X, np.ones(4, bool))),
+    ("mask-nhwc-broadcast", lambda x, m: jaxbn.batch_norm(P6, x, mask=m),
+     (X4, np.ones((3, 1), bool))),
+    ("axis-name-none", lambda x: jaxbn.batch_norm(P3, x, axis_name=None), (X,)),
+]
+
+
+@pytest.mark.parametrize(("fn", "args"), [c[1:] for c in VALID], ids=[c[0] for c in VALID])
+def test_error_cases_are_valid_with_the_fix_applied(fn, args):
+    """Once the one wrong thing is fixed the checks pass (they are not over-eager): the call
+    traces (all checks run at trace time) to an output of x's shape and dtype."""
+    y = jax.eval_shape(fn, *args)
+    assert (y.shape, y.dtype) == (args[0].shape, args[0].dtype)
 
 
 def test_batch_of_one_nhwc_with_spatial_extent_is_fine():

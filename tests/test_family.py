@@ -1,9 +1,9 @@
 """layer_norm and group_norm (the same closed-form core) against independent references.
 
-References, both written here and independent of jaxbn:
-* ``jax.vjp`` of a naive ``jnp`` forward,
-* the float64 NumPy CS231n staged forward/backward of test_batch_norm, applied
-  with the layer/group statistics axes.
+References, both in ``oracles.py`` and independent of jaxbn:
+* ``jax.vjp`` of the naive forward (``layer_norm_naive``, ``group_norm_naive``),
+* the float64 NumPy CS231n staged forward/backward, applied with the layer/group
+  statistics axes (``np_layer_norm``, ``np_group_norm``).
 """
 
 from __future__ import annotations
@@ -12,101 +12,48 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import RTOL32, RTOL64, as_dtype, assert_trees_all_close, data, params_np, rounded, x64
-from test_batch_norm import np_staged_backward, np_staged_forward
+from helpers import (
+    GROUP_CASES,
+    HALF_DTYPES,
+    LAYER_CASES,
+    RTOL64,
+    RTOL_HALF,
+    as_dtype,
+    assert_trees_all_close,
+    data,
+    dtype_cases,
+    make_inputs,
+    params_np,
+    rounded,
+    rtol_for,
+    value_and_vjp_each,
+    x64,
+)
+from oracles import EPS, group_norm_naive, layer_norm_naive, np_group_norm, np_layer_norm
 
 import jaxbn
 
-pytestmark = pytest.mark.filterwarnings("error")
 
-EPS = 1e-5
-
-
-def _feature_axes(axis, ndim):
-    axis = (axis,) if isinstance(axis, int) else axis
-    return tuple(sorted(a % ndim for a in axis))
-
-
-# ---------------------------------------------------------------- references
-
-
-def layer_norm_naive(gamma, beta, x, axis, eps=EPS):
-    axes = _feature_axes(axis, x.ndim)
-    bshape = tuple(x.shape[i] if i in axes else 1 for i in range(x.ndim))
-    mean = jnp.mean(x, axes, keepdims=True)
-    var = jnp.mean((x - mean) ** 2, axes, keepdims=True)
-    return (x - mean) / jnp.sqrt(var + eps) * gamma.reshape(bshape) + beta.reshape(bshape)
-
-
-def group_norm_naive(gamma, beta, x, num_groups, eps=EPS):
-    c = x.shape[-1]
-    xg = x.reshape(x.shape[:-1] + (num_groups, c // num_groups))
-    axes = tuple(range(1, x.ndim - 1)) + (x.ndim,)
-    mean = jnp.mean(xg, axes, keepdims=True)
-    var = jnp.var(xg, axes, keepdims=True)
-    y = ((xg - mean) / jnp.sqrt(var + eps)).reshape(x.shape)
-    return y * gamma + beta
-
-
-def np_layer_norm(x, gamma, beta, dy, axis, eps=EPS):
-    axes = _feature_axes(axis, x.ndim)
-    bshape = tuple(x.shape[i] if i in axes else 1 for i in range(x.ndim))
-    y, cache = np_staged_forward(x, gamma.reshape(bshape), beta.reshape(bshape), axes, eps)
-    dx, dg, db = np_staged_backward(dy, cache)
-    return y, (dx, dg.reshape(gamma.shape), db.reshape(beta.shape))
-
-
-def np_group_norm(x, gamma, beta, dy, num_groups, eps=EPS):
-    c = x.shape[-1]
-    gshape = x.shape[:-1] + (num_groups, c // num_groups)
-    pshape = (1,) * (x.ndim - 1) + (num_groups, c // num_groups)
-    axes = tuple(range(1, x.ndim - 1)) + (x.ndim,)
-    y, cache = np_staged_forward(x.reshape(gshape), gamma.reshape(pshape), beta.reshape(pshape),
-                                 axes, eps)
-    dx, dg, db = np_staged_backward(dy.reshape(gshape), cache)
-    return y.reshape(x.shape), (dx.reshape(x.shape), dg.reshape(c), db.reshape(c))
-
-
-def jax_value_and_vjp(f, x, gamma, beta, dy):
-    @jax.jit
-    def run(x, gamma, beta, dy):
-        y, vjp = jax.vjp(f, x, gamma, beta)
-        return y, vjp(dy)
-
-    return run(x, gamma, beta, dy)
-
-
-def rtol(dtype):
-    return RTOL64 if dtype == np.float64 else RTOL32
+def _assert_matches_references(got, naive, ref, dtype, what):
+    assert_trees_all_close(got, ref, rtol=rtol_for(dtype), err_msg=f"{what} vs NumPy")
+    assert_trees_all_close(got, naive, rtol=rtol_for(dtype), err_msg=f"{what} vs jax.vjp(naive)")
+    assert_trees_all_close(naive, ref, rtol=rtol_for(dtype), err_msg="naive vs NumPy")
 
 
 # ---------------------------------------------------------------- layer norm
 
-LAYER_CASES = [((6, 5), -1), ((3, 4, 5), -1), ((3, 4, 5), (-2, -1)), ((2, 3, 4, 5), (1, 3))]
-LAYER_IDS = ["ND", "NTD", "tuple-last-two", "tuple-noncontiguous"]
 
-
-def _layer_inputs(shape, axis, seed):
-    axes = _feature_axes(axis, len(shape))
-    fshape = tuple(shape[i] for i in axes)
-    g, b = params_np(seed + 1, fshape)
-    return data(seed, shape, loc=-0.5, scale=2.0), g, b, data(seed + 2, shape)
-
-
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize(("shape", "axis"), LAYER_CASES, ids=LAYER_IDS)
+@pytest.mark.parametrize(("shape", "axis", "dtype"),
+                         dtype_cases(LAYER_CASES, float32_ids=["ND", "tuple-noncontiguous"]))
 def test_layer_norm_matches_references(shape, axis, dtype):
-    inputs = _layer_inputs(shape, axis, seed=0)
+    inputs = make_inputs(shape, axis)
     ref = np_layer_norm(*rounded(inputs, dtype), axis=axis)
+    norms = {"jaxbn": jaxbn.layer_norm,
+             "naive": lambda p, x, axis: layer_norm_naive(p.gamma, p.beta, x, axis)}
     with x64(dtype):
-        args = as_dtype(inputs, dtype)
-        got = jax_value_and_vjp(
-            lambda x, g, b: jaxbn.layer_norm(jaxbn.BatchNormParams(g, b), x, axis=axis), *args)
-        naive = jax_value_and_vjp(lambda x, g, b: layer_norm_naive(g, b, x, axis), *args)
-        assert got[0].dtype == dtype
-    assert_trees_all_close(got, ref, rtol=rtol(dtype), err_msg="layer_norm vs NumPy")
-    assert_trees_all_close(got, naive, rtol=rtol(dtype), err_msg="layer_norm vs jax.vjp(naive)")
-    assert_trees_all_close(naive, ref, rtol=rtol(dtype), err_msg="naive vs NumPy")
+        out = value_and_vjp_each(norms, *as_dtype(inputs, dtype), axis=axis)
+    assert out["jaxbn"][0].dtype == dtype
+    _assert_matches_references(out["jaxbn"], out["naive"], ref, dtype, "layer_norm")
 
 
 def test_layer_norm_is_per_example():
@@ -124,38 +71,23 @@ def test_layer_norm_is_per_example():
 
 # ---------------------------------------------------------------- group norm
 
-# (N, C) groups hold >= 4 channels: with 2 values per group xhat = +-1 exactly up to eps
-# and the true dx is pure cancellation (~eps/var), so its relative error is meaningless.
-GROUP_CASES = [((4, 12), 1), ((4, 12), 2), ((4, 12), 3),
-               ((2, 3, 3, 6), 1), ((2, 3, 3, 6), 2), ((2, 3, 3, 6), 3), ((2, 3, 3, 6), 6),
-               ((2, 5, 4), 2)]
-GROUP_IDS = ["NC-G1", "NC-G2", "NC-G3", "NHWC-G1", "NHWC-G2", "NHWC-G3", "NHWC-G6=C", "NLC-G2"]
 
-
-def _group_inputs(shape, seed):
-    g, b = params_np(seed + 1, shape[-1:])
-    return data(seed, shape, loc=1.5, scale=3.0), g, b, data(seed + 2, shape)
-
-
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize(("shape", "num_groups"), GROUP_CASES, ids=GROUP_IDS)
+@pytest.mark.parametrize(("shape", "num_groups", "dtype"),
+                         dtype_cases(GROUP_CASES, float32_ids=["NC-G3", "NHWC-G2"]))
 def test_group_norm_matches_references(shape, num_groups, dtype):
-    inputs = _group_inputs(shape, seed=20)
+    inputs = make_inputs(shape)
     ref = np_group_norm(*rounded(inputs, dtype), num_groups=num_groups)
+    norms = {"jaxbn": jaxbn.group_norm,
+             "naive": lambda p, x, num_groups: group_norm_naive(p.gamma, p.beta, x, num_groups)}
     with x64(dtype):
-        args = as_dtype(inputs, dtype)
-        got = jax_value_and_vjp(
-            lambda x, g, b: jaxbn.group_norm(jaxbn.BatchNormParams(g, b), x, num_groups), *args)
-        naive = jax_value_and_vjp(lambda x, g, b: group_norm_naive(g, b, x, num_groups), *args)
-        assert got[0].dtype == dtype and got[0].shape == shape
-    assert_trees_all_close(got, ref, rtol=rtol(dtype), err_msg="group_norm vs NumPy")
-    assert_trees_all_close(got, naive, rtol=rtol(dtype), err_msg="group_norm vs jax.vjp(naive)")
-    assert_trees_all_close(naive, ref, rtol=rtol(dtype), err_msg="naive vs NumPy")
+        out = value_and_vjp_each(norms, *as_dtype(inputs, dtype), num_groups=num_groups)
+    assert out["jaxbn"][0].dtype == dtype and out["jaxbn"][0].shape == shape
+    _assert_matches_references(out["jaxbn"], out["naive"], ref, dtype, "group_norm")
 
 
 def test_group_norm_special_cases_in_float64():
     """num_groups=1 is layer norm over (H, W, C); num_groups=C is instance norm."""
-    x, g, b, dy = _group_inputs((2, 3, 2, 4), seed=30)
+    x, g, b, dy = make_inputs((2, 3, 2, 4), seed=30)
     with x64(np.float64):
         x, g, b, dy = as_dtype((x, g, b, dy), np.float64)
         p = jaxbn.BatchNormParams(g, b)
@@ -185,7 +117,7 @@ def test_group_norm_groups_are_contiguous_channels():
 def test_family_hessian_and_grad_of_grad_match_naive(norm):
     """Second order (forward-over-reverse and reverse-over-reverse) through the shared core."""
     with x64(np.float64):
-        x, g, b, ct = as_dtype(_group_inputs((2, 2, 6), seed=60), np.float64)
+        x, g, b, ct = as_dtype(make_inputs((2, 2, 6), seed=60), np.float64)
         if norm == "layer":
             ours = lambda g, b, x: jaxbn.layer_norm(jaxbn.BatchNormParams(g, b), x)  # noqa: E731
             naive = lambda g, b, x: layer_norm_naive(g, b, x, -1)  # noqa: E731
@@ -198,19 +130,20 @@ def test_family_hessian_and_grad_of_grad_match_naive(norm):
             gg = jax.grad(lambda x, g: jnp.sum(jax.grad(loss, (0, 1))(x, g)[0] ** 2), (0, 1))
             return jax.hessian(loss, (0, 1))(x, g), gg(x, g)
 
-        got = jax.jit(lambda: second_order(ours))()
-        want = jax.jit(lambda: second_order(naive))()
+        got, want = jax.jit(lambda: (second_order(ours), second_order(naive)))()
     assert_trees_all_close(got, want, rtol=10 * RTOL64)
 
 
-@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
 def test_family_half_precision(dtype):
-    x, g, b, _ = _group_inputs((4, 2, 2, 6), seed=50)
+    x, g, b, _ = make_inputs((4, 2, 2, 6), seed=50)
     xh, gh, bh = as_dtype((x, g, b), dtype)
     p = jaxbn.BatchNormParams(gh, bh)
     p32 = jaxbn.BatchNormParams(gh.astype(jnp.float32), bh.astype(jnp.float32))
-    tol = 2 ** -7 if dtype == jnp.bfloat16 else 2 ** -10
-    for f in (lambda p, x: jaxbn.group_norm(p, x, 3), lambda p, x: jaxbn.layer_norm(p, x)):
-        y = jax.jit(f)(p, xh)
-        assert y.dtype == dtype
-        assert_trees_all_close(y, jax.jit(f)(p32, xh.astype(jnp.float32)), rtol=tol)
+    norms = {"group_norm": lambda p, x: jaxbn.group_norm(p, x, 3), "layer_norm": jaxbn.layer_norm}
+    # Each norm on the 16-bit values and on the same values in float32.
+    out = jax.jit(lambda p, p32, x: {k: (f(p, x), f(p32, x.astype(jnp.float32)))
+                                     for k, f in norms.items()})(p, p32, xh)
+    for name, (y, y32) in out.items():
+        assert y.dtype == dtype, name
+        assert_trees_all_close(y, y32, rtol=RTOL_HALF[dtype], err_msg=name)

@@ -6,62 +6,30 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import RTOL32, RTOL64, as_dtype, assert_trees_all_close, data, params_np, rounded, x64
-from test_batch_norm import np_batch_norm
+from helpers import (
+    DTYPES,
+    IMPLS,
+    MASK_CASES,
+    RTOL32,
+    RTOL64,
+    as_dtype,
+    assert_trees_all_close,
+    dtype_cases,
+    make_inputs,
+    make_mask,
+    rounded,
+    rtol_for,
+    value_and_vjp,
+    value_and_vjp_each,
+    x64,
+)
+from oracles import np_batch_norm
 
 import jaxbn
-from jaxbn.reference import batch_norm_autodiff, batch_norm_staged
 
-pytestmark = pytest.mark.filterwarnings("error")
-
-IMPLS = {"custom": jaxbn.batch_norm, "autodiff": batch_norm_autodiff, "staged": batch_norm_staged}
-DTYPES = [np.float32, np.float64]
-
-
-def rtol(dtype):
-    return RTOL64 if dtype == np.float64 else RTOL32
-
-
-def value_and_vjp(impl, x, gamma, beta, dy, mask, **kw):
-    @jax.jit
-    def run(x, gamma, beta, dy, mask):
-        y, vjp = jax.vjp(
-            lambda x, g, b: impl(jaxbn.BatchNormParams(g, b), x, mask=mask, **kw), x, gamma, beta
-        )
-        return y, vjp(dy)
-
-    return run(x, gamma, beta, dy, mask)
-
-
-# (x shape, feature axis, mask shape, which entries of the mask are kept (given a seed))
-MASK_CASES = [
-    ((10, 3), -1, (10,)),
-    ((10, 3), -1, (10, 1)),
-    ((5, 2, 3, 4), -1, (5, 1, 1)),
-    ((5, 2, 3, 4), -1, (5, 2, 3)),
-    ((5, 2, 3, 4), -1, (5, 2, 3, 1)),
-    ((5, 2, 3, 4), -1, (3,)),  # broadcast over N and H: masks W columns
-    ((5, 4, 2, 3), 1, (5, 2, 3)),  # NCHW, mask over (N, H, W)
-    ((5, 4, 2, 3), 1, (5, 1, 1)),
-]
-MASK_IDS = ["ND-N", "ND-N1", "NHWC-N11", "NHWC-NHW", "NHWC-NHW1", "NHWC-W", "NCHW-NHW",
-            "NCHW-N11"]
-
-
-def make_mask(shape, seed):
-    rng = np.random.default_rng(seed)
-    mask = rng.random(shape) < 0.6
-    mask.flat[0] = True  # at least two kept entries
-    mask.flat[-1] = True
-    if mask.size > 2:
-        mask.flat[1] = False  # and at least one masked
-    return mask
-
-
-def _inputs(shape, axis, seed):
-    fshape = (shape[axis],)
-    g, b = params_np(seed + 1, fshape)
-    return data(seed, shape, loc=1.0, scale=2.0), g, b, data(seed + 2, shape)
+# Finite garbage in masked-out entries: it must not leak into anything (the non-finite
+# kinds are tested below).
+GARBAGE = 1e3
 
 
 def _full_mask(mask, shape, axis):
@@ -82,88 +50,95 @@ def _kept_rows(a, full_mask, axis):
     return a[np.moveaxis(full_mask, axis, -1)[..., 0]]
 
 
-KEPT_CASES = (
-    [pytest.param(*c, "custom", d, id=f"{i}-custom-{np.dtype(d).name}")
-     for c, i in zip(MASK_CASES, MASK_IDS) for d in DTYPES]
-    + [pytest.param(*MASK_CASES[j], impl, np.float64, id=f"{MASK_IDS[j]}-{impl}-float64")
-       for j in (0, 3, 6) for impl in ("autodiff", "staged")]
-)
+# One mask case per layout: (N, D), NHWC masked over (N, H, W), NCHW masked over (N, H, W).
+LAYOUT_CASES = ["ND-N", "NHWC-NHW", "NCHW-NHW"]
 
 
-@pytest.mark.parametrize(("shape", "axis", "mask_shape", "impl", "dtype"), KEPT_CASES)
-def test_masked_equals_batch_norm_of_kept_entries(shape, axis, mask_shape, impl, dtype):
-    x, g, b, dy = _inputs(shape, axis, seed=0)
-    mask = make_mask(mask_shape, seed=1)
+@pytest.mark.parametrize(("shape", "axis", "mask_shape", "dtype"),
+                         dtype_cases(MASK_CASES, float32_ids=LAYOUT_CASES))
+def test_masked_implementations_match_numpy_oracle(shape, axis, mask_shape, dtype):
+    """Every implementation equals the NumPy CS231n oracle with a keep-mask; garbage in
+    the masked-out entries reaches nothing, and their y and dx are exactly 0."""
+    x, g, b, dy = make_inputs(shape, axis, seed=10)
+    mask = make_mask(mask_shape, seed=11)
     full = _full_mask(mask, shape, axis)
-    x[~full] = 1e3  # garbage in masked entries must not leak into anything
-    kept_x, kept_dy = _kept_rows(x, full, axis), _kept_rows(dy, full, axis)
+    x[~full] = GARBAGE
+    np_mask = mask if mask.ndim < len(shape) else np.squeeze(mask, axis % len(shape))
+    ref = np_batch_norm(*rounded((x, g, b, dy), dtype), axis=axis, mask=np_mask)
     with x64(dtype):
-        y, (dx, dg, db) = value_and_vjp(IMPLS[impl], *as_dtype((x, g, b, dy), dtype),
-                                        jnp.asarray(mask), axis=axis)
-        y_k, (dx_k, dg_k, db_k) = value_and_vjp(IMPLS[impl],
-                                                *as_dtype((kept_x, g, b, kept_dy), dtype), None)
-    tol = rtol(dtype)
-    assert_trees_all_close(_kept_rows(y, full, axis), y_k, rtol=tol, err_msg="kept y")
-    assert_trees_all_close(_kept_rows(dx, full, axis), dx_k, rtol=tol, err_msg="kept dx")
-    assert_trees_all_close((dg, db), (dg_k, db_k), rtol=tol, err_msg="dgamma, dbeta")
-    np.testing.assert_array_equal(np.asarray(y)[~full], 0)
-    np.testing.assert_array_equal(np.asarray(dx)[~full], 0)
+        out = value_and_vjp_each(IMPLS, *as_dtype((x, g, b, dy), dtype), mask=jnp.asarray(mask),
+                                 axis=axis)
+    for name, (y, grads) in out.items():
+        assert_trees_all_close((y, grads), ref, rtol=rtol_for(dtype), err_msg=f"{name} vs NumPy")
+        np.testing.assert_array_equal(np.asarray(y)[~full], 0, err_msg=f"{name}: masked y")
+        np.testing.assert_array_equal(np.asarray(grads[0])[~full], 0, err_msg=f"{name}: masked dx")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize(("shape", "axis", "mask_shape"), MASK_CASES, ids=MASK_IDS)
-def test_masked_custom_autodiff_staged_numpy_agree(shape, axis, mask_shape, dtype):
-    x, g, b, dy = _inputs(shape, axis, seed=10)
-    mask = make_mask(mask_shape, seed=11)
-    np_mask = mask if mask.ndim < len(shape) else np.squeeze(mask, axis % len(shape))
-    ref = np_batch_norm(*rounded((x, g, b, dy), dtype), axis=axis, mask=np_mask)
-    @jax.jit
-    def all_three(x, g, b, dy, mask):
-        out = {}
-        for name, impl in IMPLS.items():
-            y, vjp = jax.vjp(
-                lambda x, g, b: impl(jaxbn.BatchNormParams(g, b), x, axis=axis, mask=mask),
-                x, g, b)
-            out[name] = (y, vjp(dy))
-        return out
-
+@pytest.mark.parametrize("case", LAYOUT_CASES)
+def test_masked_equals_batch_norm_of_kept_entries(case, dtype):
+    """A second oracle for the masked semantics: the unmasked batch norm of the kept entries."""
+    shape, axis, mask_shape = MASK_CASES[case]
+    x, g, b, dy = make_inputs(shape, axis, seed=0)
+    mask = make_mask(mask_shape, seed=1)
+    full = _full_mask(mask, shape, axis)
+    x[~full] = GARBAGE
+    kept_x, kept_dy = _kept_rows(x, full, axis), _kept_rows(dy, full, axis)
     with x64(dtype):
-        out = all_three(*as_dtype((x, g, b, dy), dtype), jnp.asarray(mask))
-    for k, v in out.items():
-        assert_trees_all_close(v, ref, rtol=rtol(dtype), err_msg=f"{k} vs NumPy")
-    assert_trees_all_close(out["custom"], out["autodiff"], rtol=rtol(dtype))
-    assert_trees_all_close(out["staged"], out["autodiff"], rtol=rtol(dtype))
+        out = value_and_vjp_each(IMPLS, *as_dtype((x, g, b, dy), dtype),
+                                 mask=jnp.asarray(mask), axis=axis)
+        kept = value_and_vjp_each(IMPLS, *as_dtype((kept_x, g, b, kept_dy), dtype))
+    tol = rtol_for(dtype)
+    for name, (y, (dx, dg, db)) in out.items():
+        y_k, (dx_k, dg_k, db_k) = kept[name]
+        assert_trees_all_close(_kept_rows(y, full, axis), y_k, rtol=tol, err_msg=f"{name}: kept y")
+        assert_trees_all_close(_kept_rows(dx, full, axis), dx_k, rtol=tol,
+                               err_msg=f"{name}: kept dx")
+        assert_trees_all_close((dg, db), (dg_k, db_k), rtol=tol, err_msg=f"{name}: dgamma, dbeta")
 
 
 def test_all_true_mask_equals_no_mask():
-    x, g, b, dy = _inputs((6, 2, 2, 3), -1, seed=20)
+    x, g, b, dy = make_inputs((6, 2, 2, 3), seed=20)
     with x64(np.float64):
         args = as_dtype((x, g, b, dy), np.float64)
-        with_mask = value_and_vjp(jaxbn.batch_norm, *args, jnp.ones((6, 2, 2), bool))
-        without = value_and_vjp(jaxbn.batch_norm, *args, None)
+        with_mask = value_and_vjp(jaxbn.batch_norm, *args, mask=jnp.ones((6, 2, 2), bool))
+        without = value_and_vjp(jaxbn.batch_norm, *args)
     assert_trees_all_close(with_mask, without, rtol=RTOL64)
 
 
-@pytest.mark.parametrize("impl", list(IMPLS))
-@pytest.mark.parametrize(("shape", "mask_shape"), [((5, 3), (5,)), ((3, 2, 2, 4), (3, 2, 2))])
-def test_all_masked_gives_zeros_without_nan(shape, mask_shape, impl):
-    x, g, b, dy = _inputs(shape, -1, seed=30)
-    y, (dx, dg, db) = value_and_vjp(IMPLS[impl], *as_dtype((x, g, b, dy), jnp.float32),
-                                    jnp.zeros(mask_shape, bool))
-    for a in (y, dx, dg, db):
-        assert np.all(np.isfinite(np.asarray(a)))
-        np.testing.assert_array_equal(np.asarray(a), 0)
+@jax.jit
+def _sin_penalty_grads(x, gamma, beta, mask):
+    """For every implementation: the gradient, w.r.t. (x, gamma, beta), of the gradient
+    penalty ``|dx|^2 + |dgamma|^2`` of the loss ``sum(sin(y))`` (reverse over reverse)."""
+
+    def penalty(impl, x, gamma, beta):
+        def loss(x, g):
+            return jnp.sum(jnp.sin(impl(jaxbn.BatchNormParams(g, beta), x, mask=mask)))
+
+        dx, dg = jax.grad(loss, argnums=(0, 1))(x, gamma)
+        return jnp.sum(dx**2) + jnp.sum(dg**2)
+
+    return {name: jax.grad(penalty, argnums=(1, 2, 3))(impl, x, gamma, beta)
+            for name, impl in IMPLS.items()}
+
+
+@pytest.mark.parametrize(("shape", "mask_shape"), [((5, 3), (5,)), ((3, 2, 2, 4), (3, 2, 2))],
+                         ids=["ND", "NHWC"])
+def test_all_masked_gives_zeros_without_nan(shape, mask_shape):
+    x, g, b, dy = as_dtype(make_inputs(shape, seed=30), jnp.float32)
+    mask = jnp.zeros(mask_shape, bool)
+    for name, out in value_and_vjp_each(IMPLS, x, g, b, dy, mask=mask).items():
+        for a in jax.tree.leaves(out):
+            np.testing.assert_array_equal(np.asarray(a), 0, err_msg=name)
     # Second order stays finite as well.
-    h = jax.jit(jax.grad(lambda x: jnp.sum(jax.grad(lambda x: jnp.sum(jnp.sin(IMPLS[impl](
-        jaxbn.init(shape[-1]), x, mask=jnp.zeros(mask_shape, bool)))))(x) ** 2)))(
-        jnp.asarray(x, jnp.float32))
-    assert np.all(np.isfinite(np.asarray(h)))
+    for name, grads in _sin_penalty_grads(x, g, b, mask).items():
+        assert all(np.all(np.isfinite(np.asarray(a))) for a in grads), name
 
 
 def _padded_inputs(garbage, seed):
     """An (8, 3) batch whose rows 2 and 5 are padding: ``((clean, dirty), g, b, dy, mask)``,
     with the padding 0 in ``clean`` and ``garbage`` in ``dirty``."""
-    x, g, b, dy = _inputs((8, 3), -1, seed=seed)
+    x, g, b, dy = make_inputs((8, 3), seed=seed)
     mask = np.ones(8, bool)
     mask[[2, 5]] = False
     clean, dirty = x.copy(), x.copy()
@@ -172,32 +147,24 @@ def _padded_inputs(garbage, seed):
     return (clean, dirty), g, b, dy, mask
 
 
-@pytest.mark.parametrize("impl", list(IMPLS))
 @pytest.mark.parametrize("garbage", [np.nan, np.inf, -np.inf, 1e30])
-def test_non_finite_garbage_in_masked_rows_does_not_leak(impl, garbage):
+def test_non_finite_garbage_in_masked_rows_does_not_leak(garbage):
     """Padding rows may hold anything: their values must not reach y or any gradient."""
     (clean, dirty), g, b, dy, mask = _padded_inputs(garbage, seed=40)
     args = lambda x: as_dtype((x, g, b, dy), jnp.float32)  # noqa: E731
-    got = value_and_vjp(IMPLS[impl], *args(dirty), jnp.asarray(mask))
-    want = value_and_vjp(IMPLS[impl], *args(clean), jnp.asarray(mask))
-    assert_trees_all_close(got, want, rtol=RTOL32)
+    got = value_and_vjp_each(IMPLS, *args(dirty), mask=jnp.asarray(mask))
+    want = value_and_vjp_each(IMPLS, *args(clean), mask=jnp.asarray(mask))
+    for name in IMPLS:
+        assert_trees_all_close(got[name], want[name], rtol=RTOL32, err_msg=name)
 
 
-@pytest.mark.parametrize("impl", list(IMPLS))
 @pytest.mark.parametrize("garbage", [np.nan, np.inf])
-def test_non_finite_garbage_in_masked_rows_does_not_leak_second_order(impl, garbage):
+def test_non_finite_garbage_in_masked_rows_does_not_leak_second_order(garbage):
     """Grad-of-grad (e.g. a gradient penalty) on a padded batch: padding stays out too."""
     (clean, dirty), g, b, _, mask = _padded_inputs(garbage, seed=41)
-
-    def penalty(x, g, b):
-        inner = lambda x, g: jnp.sum(jnp.sin(IMPLS[impl](  # noqa: E731
-            jaxbn.BatchNormParams(g, b), x, mask=jnp.asarray(mask))))
-        dx, dg = jax.grad(inner, argnums=(0, 1))(x, g)
-        return jnp.sum(dx**2) + jnp.sum(dg**2)
-
     with x64(np.float64):
-        second = jax.jit(jax.grad(penalty, argnums=(0, 1, 2)))
-        args = lambda x: as_dtype((x, g, b), jnp.float64)  # noqa: E731
-        got, want = second(*args(dirty)), second(*args(clean))
-        assert all(np.all(np.isfinite(np.asarray(leaf))) for leaf in jax.tree.leaves(got))
-        assert_trees_all_close(got, want, rtol=RTOL64)
+        args = lambda x: (*as_dtype((x, g, b), jnp.float64), jnp.asarray(mask))  # noqa: E731
+        got, want = _sin_penalty_grads(*args(dirty)), _sin_penalty_grads(*args(clean))
+    for name in IMPLS:
+        assert all(np.all(np.isfinite(np.asarray(a))) for a in got[name]), name
+        assert_trees_all_close(got[name], want[name], rtol=RTOL64, err_msg=name)

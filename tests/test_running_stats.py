@@ -6,17 +6,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import RTOL32, RTOL64, as_dtype, assert_trees_all_close, data, params_np, x64
+from helpers import DTYPES, RTOL32, as_dtype, assert_trees_all_close, data, params_np, rtol_for, x64
 
 import jaxbn
-
-pytestmark = pytest.mark.filterwarnings("error")
-
-DTYPES = [np.float32, np.float64]
-
-
-def rtol(dtype):
-    return RTOL64 if dtype == np.float64 else RTOL32
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -29,24 +21,25 @@ def test_train_y_identical_to_batch_norm(shape, axis, dtype):
     with x64(dtype):
         x, g, b = as_dtype((x, g, b), dtype)
         p = jaxbn.BatchNormParams(g, b)
-        y_train, _ = jax.jit(lambda p, s, x: jaxbn.batch_norm_train(p, s, x, axis=axis))(
-            p, jaxbn.init_stats(c, dtype), x)
-        y = jax.jit(lambda p, x: jaxbn.batch_norm(p, x, axis=axis))(p, x)
         # Gradients through y are the batch_norm ones too.
         ct = jnp.asarray(data(2, shape), dtype)
 
         @jax.jit
-        def grads(p, x):
-            g_train = jax.grad(lambda p, x: jnp.sum(
-                jaxbn.batch_norm_train(p, jaxbn.init_stats(c, dtype), x, axis=axis)[0] * ct),
-                (0, 1))(p, x)
-            g_bn = jax.grad(lambda p, x: jnp.sum(jaxbn.batch_norm(p, x, axis=axis) * ct),
-                            (0, 1))(p, x)
-            return g_train, g_bn
+        def outputs_and_grads(p, x):
+            def train_y(p, x):
+                return jaxbn.batch_norm_train(p, jaxbn.init_stats(c, dtype), x, axis=axis)[0]
 
-        g_train, g_bn = grads(p, x)
+            def bn_y(p, x):
+                return jaxbn.batch_norm(p, x, axis=axis)
+
+            def grads(f):
+                return jax.grad(lambda p, x: jnp.sum(f(p, x) * ct), (0, 1))(p, x)
+
+            return train_y(p, x), bn_y(p, x), grads(train_y), grads(bn_y)
+
+        y_train, y, g_train, g_bn = outputs_and_grads(p, x)
     np.testing.assert_array_equal(np.asarray(y_train), np.asarray(y))
-    assert_trees_all_close(g_train, g_bn, rtol=rtol(dtype))
+    assert_trees_all_close(g_train, g_bn, rtol=rtol_for(dtype))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -72,7 +65,7 @@ def test_running_stats_recurrence_over_steps(shape, axis, momentum, dtype):
             xr = xb.astype(dtype).astype(np.float64)
             mean_ref = momentum * mean_ref + (1 - momentum) * xr.mean(reduce_axes)
             var_ref = momentum * var_ref + (1 - momentum) * xr.var(reduce_axes)  # biased (ddof=0)
-            assert_trees_all_close(tuple(stats), (mean_ref, var_ref), rtol=rtol(dtype))
+            assert_trees_all_close(tuple(stats), (mean_ref, var_ref), rtol=rtol_for(dtype))
     if momentum < 1:
         # Distinguishes biased from unbiased (ddof=1) variance.
         n = np.prod([shape[i] for i in reduce_axes])
@@ -130,7 +123,7 @@ def test_eval_matches_numpy_formula(shape, axis, dtype):
         assert y.dtype == dtype and y.shape == shape
     r = lambda a: a.astype(dtype).astype(np.float64).reshape(bshape)  # noqa: E731
     want = r(g) * (x.astype(dtype) - r(mean)) / np.sqrt(r(var) + eps) + r(b)
-    assert_trees_all_close(y, want, rtol=rtol(dtype))
+    assert_trees_all_close(y, want, rtol=rtol_for(dtype))
 
 
 def test_eval_of_a_batch_of_one_is_allowed():
@@ -156,9 +149,9 @@ def test_masked_train_excludes_masked_rows_from_stats(dtype):
         y_kept, new_kept = f(p, s, jnp.asarray(x[mask], dtype), None)
     kept = x[mask].astype(dtype).astype(np.float64)
     want = (0.8 * s0[0] + 0.2 * kept.mean(0), 0.8 * s0[1] + 0.2 * kept.var(0))
-    assert_trees_all_close(tuple(new), want, rtol=rtol(dtype))
-    assert_trees_all_close(tuple(new), tuple(new_kept), rtol=rtol(dtype))
-    assert_trees_all_close(np.asarray(y)[mask], y_kept, rtol=rtol(dtype))
+    assert_trees_all_close(tuple(new), want, rtol=rtol_for(dtype))
+    assert_trees_all_close(tuple(new), tuple(new_kept), rtol=rtol_for(dtype))
+    assert_trees_all_close(np.asarray(y)[mask], y_kept, rtol=rtol_for(dtype))
     np.testing.assert_array_equal(np.asarray(y)[~mask], 0)
 
 

@@ -47,6 +47,7 @@ def test_cifar_loader_reads_pickles(cifar_dir):
     np.testing.assert_allclose(ds.x_train.mean(0), 0, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_cifar_trains_end_to_end(cifar_dir, tmp_path):
     out = str(tmp_path / "run")
     rc = cli.main(["--dataset", "cifar10", "--data-dir", str(cifar_dir), "--epochs", "1",
@@ -100,6 +101,11 @@ def test_cifar_malformed_files_give_clear_errors(cifar_dir, breakage, match):
     with pytest.raises(data.DataError, match=match) as e:
         data.load_cifar10(cifar_dir)
     assert "data_batch_2" in str(e.value)
+
+
+def test_data_dir_is_refused_for_digits(tmp_path):
+    with pytest.raises(data.DataError, match="only read by --dataset cifar10"):
+        data.load("digits", data_dir=str(tmp_path))
 
 
 def test_epoch_order_is_a_function_of_seed_and_epoch():

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from train import cli, loop
 
@@ -44,6 +45,7 @@ print("RESULT" + json.dumps(out))
 """
 
 
+@pytest.mark.slow
 def test_data_parallel_equals_single_device():
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
            "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT}
@@ -71,6 +73,7 @@ def _free_port():
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_multi_process_equals_single_device(tmp_path):
     args = ["--epochs", "1", "--optimizer", "sgd", "--lr", "0.05", "--train-subset", "128",
             "--test-subset", "50", "--batch-size", "32", "--quiet", "--no-plots"]

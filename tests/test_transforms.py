@@ -6,26 +6,24 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import RTOL32, RTOL64, as_dtype, assert_trees_all_close, data, params_np, x64
+from helpers import (
+    DTYPES,
+    HAND_WRITTEN,
+    IMPLS,
+    RTOL32,
+    RTOL64,
+    as_dtype,
+    assert_trees_all_close,
+    data,
+    make_inputs,
+    norm_vjp,
+    params_np,
+    rtol_for,
+    x64,
+)
 
 import jaxbn
-from jaxbn.reference import batch_norm_autodiff, batch_norm_staged
-
-pytestmark = pytest.mark.filterwarnings("error")
-
-IMPLS = {"custom": jaxbn.batch_norm, "staged": batch_norm_staged}
-DTYPES = [np.float32, np.float64]
-
-
-def rtol(dtype):
-    return RTOL64 if dtype == np.float64 else RTOL32
-
-
-def _inputs(shape, seed=0):
-    x = data(seed, shape, loc=0.3, scale=1.5)
-    gamma, beta = params_np(seed + 1, shape[-1:])
-    ct = data(seed + 2, shape)
-    return x, gamma, beta, ct
+from jaxbn.reference import batch_norm_autodiff
 
 
 def loss_fn(impl, ct):
@@ -33,19 +31,29 @@ def loss_fn(impl, ct):
     return lambda x, g, b: jnp.sum(jnp.tanh(impl(jaxbn.BatchNormParams(g, b), x)) * ct)
 
 
+def _assert_match_autodiff(derivative, args, rtol, impls=HAND_WRITTEN):
+    """``derivative(impl)(*args)`` for ``impls`` and for autodiff, in one jitted program;
+    each of ``impls`` must equal autodiff's. Returns all of them by name."""
+    names = [*impls, "autodiff"]
+    out = jax.jit(lambda *args: {n: derivative(IMPLS[n])(*args) for n in names})(*args)
+    for name in impls:
+        assert_trees_all_close(out[name], out["autodiff"], rtol=rtol, err_msg=f"{name} vs autodiff")
+    return out
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_jit_equals_eager(dtype):
-    x, g, b, _ = _inputs((6, 4))
+    x, g, b, _ = make_inputs((6, 4))
     with x64(dtype):
         x, g, b = as_dtype((x, g, b), dtype)
         p = jaxbn.BatchNormParams(g, b)
         eager = jaxbn.batch_norm(p, x)
         jitted = jax.jit(jaxbn.batch_norm, static_argnames=("axis", "eps"))(p, x)
-    assert_trees_all_close(jitted, eager, rtol=rtol(dtype))
+    assert_trees_all_close(jitted, eager, rtol=rtol_for(dtype))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("impl", list(IMPLS))
+@pytest.mark.parametrize("impl", HAND_WRITTEN)
 def test_vmap_ensemble_equals_python_loop(impl, dtype):
     """vmap over an ensemble axis: each member has its own params and its own statistics."""
     members, shape = 3, (5, 2, 4)
@@ -60,65 +68,61 @@ def test_vmap_ensemble_equals_python_loop(impl, dtype):
         xs, gs, bs, cts = as_dtype((xs, gs, bs, cts), dtype)
 
         def one(x, g, b, ct):
-            y, vjp = jax.vjp(lambda x, g, b: f(jaxbn.BatchNormParams(g, b), x), x, g, b)
-            return y, vjp(ct)
+            return norm_vjp(f, x, g, b, ct)
 
         batched = jax.jit(jax.vmap(one))(xs, gs, bs, cts)
         single = jax.jit(one)
         looped = [single(xs[i], gs[i], bs[i], cts[i]) for i in range(members)]
     looped = jax.tree.map(lambda *a: np.stack(a), *looped)
-    assert_trees_all_close(batched, looped, rtol=rtol(dtype))
+    assert_trees_all_close(batched, looped, rtol=rtol_for(dtype))
     # Per-member statistics: every member's output has mean beta per feature.
     y = np.asarray(batched[0], np.float64)
     np.testing.assert_allclose(y.mean((1, 2)), np.asarray(bs, np.float64),
-                               atol=100 * rtol(dtype))
+                               atol=100 * rtol_for(dtype))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("impl", list(IMPLS))
-def test_grad_matches_autodiff(impl, dtype):
-    x, g, b, ct = _inputs((7, 3), seed=5)
+def test_grad_matches_autodiff(dtype):
+    x, g, b, ct = make_inputs((7, 3), seed=5)
+
+    def grad(impl):
+        return lambda x, g, b, ct: jax.grad(loss_fn(impl, ct), (0, 1, 2))(x, g, b)
+
     with x64(dtype):
-        x, g, b, ct = as_dtype((x, g, b, ct), dtype)
-        got = jax.jit(jax.grad(loss_fn(IMPLS[impl], ct), (0, 1, 2)))(x, g, b)
-        want = jax.jit(jax.grad(loss_fn(batch_norm_autodiff, ct), (0, 1, 2)))(x, g, b)
-    assert_trees_all_close(got, want, rtol=rtol(dtype))
+        _assert_match_autodiff(grad, as_dtype((x, g, b, ct), dtype), rtol_for(dtype))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("impl", list(IMPLS))
-def test_grad_of_grad_matches_autodiff(impl, dtype):
+def test_grad_of_grad_matches_autodiff(dtype):
     """Reverse-over-reverse: the closed-form backward is itself differentiable."""
-    x, g, b, ct = _inputs((6, 3), seed=7)
+    x, g, b, ct = make_inputs((6, 3), seed=7)
     v = data(8, (6, 3))
+
+    def second(impl):
+        def inner(x, g, b, ct, v):
+            dx, dg, db = jax.grad(loss_fn(impl, ct), (0, 1, 2))(x, g, b)
+            return jnp.sum(dx * v) + jnp.sum(dg * g) + jnp.sum(db * dg)
+
+        return jax.grad(inner, (0, 1, 2))
+
     with x64(dtype):
-        x, g, b, ct, v = as_dtype((x, g, b, ct, v), dtype)
-
-        def second(impl):
-            grad_x = jax.grad(loss_fn(impl, ct), (0, 1, 2))
-
-            def inner(x, g, b):
-                dx, dg, db = grad_x(x, g, b)
-                return jnp.sum(dx * v) + jnp.sum(dg * g) + jnp.sum(db * dg)
-
-            return jax.jit(jax.grad(inner, (0, 1, 2)))(x, g, b)
-
-        got, want = second(IMPLS[impl]), second(batch_norm_autodiff)
-    # Second derivatives lose a little more to cancellation than first ones.
-    assert_trees_all_close(got, want, rtol=10 * rtol(dtype))
+        # Second derivatives lose a little more to cancellation than first ones.
+        _assert_match_autodiff(second, as_dtype((x, g, b, ct, v), dtype), 10 * rtol_for(dtype))
 
 
-@pytest.mark.parametrize(("impl", "dtype"), [("custom", np.float32), ("custom", np.float64),
-                                           ("staged", np.float64)])
-def test_hessian_matches_autodiff(impl, dtype):
+@pytest.mark.parametrize(("dtype", "impls"), [(np.float32, ["custom"]), (np.float64, HAND_WRITTEN)],
+                         ids=["float32", "float64"])
+def test_hessian_matches_autodiff(dtype, impls):
     """jax.hessian is forward-over-reverse: forward mode through the backward pass."""
-    x, g, b, ct = _inputs((4, 2), seed=9)
+    x, g, b, ct = make_inputs((4, 2), seed=9)
+
+    def hessian(impl):
+        return lambda x, g, b, ct: jax.hessian(loss_fn(impl, ct), (0, 1, 2))(x, g, b)
+
     with x64(dtype):
-        x, g, b, ct = as_dtype((x, g, b, ct), dtype)
-        got = jax.jit(jax.hessian(loss_fn(IMPLS[impl], ct), (0, 1, 2)))(x, g, b)
-        want = jax.jit(jax.hessian(loss_fn(batch_norm_autodiff, ct), (0, 1, 2)))(x, g, b)
-        assert got[0][0].shape == (4, 2, 4, 2)
-    assert_trees_all_close(got, want, rtol=10 * rtol(dtype))
+        out = _assert_match_autodiff(hessian, as_dtype((x, g, b, ct), dtype),
+                                     10 * rtol_for(dtype), impls)
+    assert out["custom"][0][0].shape == (4, 2, 4, 2)
 
 
 def test_vmap_of_grad_and_grad_of_vmap():
@@ -198,10 +202,10 @@ def test_forward_mode_works_for_autodiff_reference_and_eval():
         p = jaxbn.init(3, np.float64)
         f = lambda x: jnp.tanh(jaxbn.batch_norm(p, x))  # noqa: E731
         f_ref = lambda x: jnp.tanh(batch_norm_autodiff(p, x))  # noqa: E731
-        _, jvp_ref = jax.jvp(f_ref, (x,), (t,))
-        jac = jax.jacrev(f)(x)
-        assert_trees_all_close(jnp.einsum("ijkl,kl->ij", jac, t), jvp_ref, rtol=RTOL64)
         stats = jaxbn.RunningStats(jnp.asarray([0.1, 0.2, 0.3]), jnp.asarray([1.0, 2.0, 3.0]))
-        _, jvp_eval = jax.jvp(lambda x: jaxbn.batch_norm_eval(p, stats, x), (x,), (t,))
+        f_eval = lambda x: jaxbn.batch_norm_eval(p, stats, x)  # noqa: E731
+        jvp_ref, jac, jvp_eval = jax.jit(lambda x, t: (
+            jax.jvp(f_ref, (x,), (t,))[1], jax.jacrev(f)(x), jax.jvp(f_eval, (x,), (t,))[1]))(x, t)
+        assert_trees_all_close(jnp.einsum("ijkl,kl->ij", jac, t), jvp_ref, rtol=RTOL64)
         np.testing.assert_allclose(jvp_eval, np.asarray(t) / np.sqrt(np.asarray(stats.var) + 1e-5),
                                    rtol=1e-12)

@@ -2,6 +2,11 @@
 
 import sys
 
-from train.cli import main
+try:
+    from train.cli import main  # imports jax: Ctrl-C may come here already
 
-sys.exit(main())
+    status = main()
+except KeyboardInterrupt:
+    print("interrupted", file=sys.stderr, flush=True)
+    status = 130
+sys.exit(status)

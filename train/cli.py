@@ -7,16 +7,26 @@ Commands (bare ``python -m train`` is ``train``):
 * ``init-scale``  CS231n: deep net, weight-init scale sweep, with vs without batch norm.
 * ``batch-size``  batch-size sweep; train-mode vs eval-mode (running stats) accuracy.
 
+Argument parsing and dispatch only: the commands live in :mod:`train.commands`
+and :mod:`train.experiments`, which do not import this module.
+
 Exit status: 0 success, 1 training diverged (NaN/inf loss), 2 bad arguments or data,
-3 compare found the implementations disagree.
+3 compare found the implementations disagree, 130 interrupted (Ctrl-C).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
-import time
+
+from benchmarks.common import checked_number, nonnegative_int, positive_float, positive_int
+from train import commands, experiments, loop
+from train.data import DATASETS, DataError
+from train.model import NORM_HELP, NORMS
+
+PROG = "python -m train"
 
 COMMANDS = {
     "train": "train the MLP once (the default command)",
@@ -32,7 +42,7 @@ EPILOG = """\
 examples:
   python -m train                                # default: digits, 64-256-256-10, 20 epochs
   python -m train --norm none --epochs 30 --out runs/nobn
-  python -m train --checkpoint-every 1 --out runs/a; python -m train --resume --out runs/a
+  python -m train --out runs/a; python -m train --resume --out runs/a   # after Ctrl-C
   python -m train compare
   python -m train init-scale
   python -m train batch-size
@@ -41,73 +51,55 @@ examples:
   python -m train --dataset cifar10 --data-dir ~/data/cifar-10-batches-py --epochs 10
 
 Every command writes metrics.json and PNG plots into --out (default runs/<command>,
-runs/latest for train). Exit status: 0 ok, 1 diverged (NaN/inf loss), 2 bad arguments/data,
-3 compare: the implementations disagree beyond the float32 tolerances.
+runs/latest for train). Ctrl-C writes the checkpoint of the last completed epoch and
+prints the command that resumes. Exit status: 0 ok, 1 diverged (NaN/inf loss), 2 bad
+arguments/data, 3 compare: the implementations disagree beyond the float32 tolerances,
+130 interrupted.
 """
 
-
-def _positive_int(s: str) -> int:
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s}")
-    return v
-
-
-def _nonnegative_int(s: str) -> int:
-    try:
-        v = int(s)
-    except ValueError:
-        v = -1
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {s!r}")
-    return v
+_momentum = checked_number(float, lambda v: 0 <= v <= 1, "a number in [0, 1]")
 
 
 def _devices(s: str) -> int | str:
     if s == "all":
         return s
     try:
-        return _positive_int(s)
+        return positive_int(s)
     except argparse.ArgumentTypeError:
         raise argparse.ArgumentTypeError(
             f"expected a positive integer or 'all', got {s!r}") from None
 
 
-def _common(p: argparse.ArgumentParser, *, epochs: int, hidden: list[int], norm: bool = True):
-    from train.data import DATASETS
-    from train.loop import OPTIMIZERS
-    from train.model import NORM_HELP, NORMS
-
+def _common(p: argparse.ArgumentParser, *, command: str, epochs: int, hidden: list[int],
+            norm: bool = True):
     g = p.add_argument_group("data")
     g.add_argument("--dataset", choices=DATASETS, default="digits",
                    help="digits: sklearn's bundled UCI digits (default); cifar10: the python "
                         "pickles in --data-dir")
     g.add_argument("--data-dir", default=None,
-                   help="CIFAR-10 directory with data_batch_1..5 and test_batch")
+                   help="CIFAR-10 directory with data_batch_1..5 and test_batch (only with "
+                        "--dataset cifar10)")
     g.add_argument("--split-seed", type=int, default=0,
                    help="seed of the stratified digits train/test split (default 0)")
-    g.add_argument("--train-subset", type=_positive_int, default=None,
+    g.add_argument("--train-subset", type=positive_int, default=None,
                    help="use only N training examples (quick runs)")
-    g.add_argument("--test-subset", type=_positive_int, default=None,
+    g.add_argument("--test-subset", type=positive_int, default=None,
                    help="use only N test examples (quick runs)")
     g = p.add_argument_group("model and optimization")
     if norm:
         g.add_argument("--norm", choices=NORMS, default="jaxbn",
                        help="batch-norm implementation: "
                             + "; ".join(f"{k}: {v}" for k, v in NORM_HELP.items()))
-    g.add_argument("--hidden", type=_positive_int, nargs="+", default=hidden,
+    g.add_argument("--hidden", type=positive_int, nargs="+", default=hidden,
                    help=f"hidden layer widths (default {' '.join(map(str, hidden))})")
-    g.add_argument("--epochs", type=_positive_int, default=epochs,
+    g.add_argument("--epochs", type=positive_int, default=epochs,
                    help=f"epochs (default {epochs})")
-    g.add_argument("--batch-size", type=_positive_int, default=64,
+    g.add_argument("--batch-size", type=positive_int, default=64,
                    help="batch size (default 64; the incomplete last batch is dropped)")
-    g.add_argument("--lr", type=float, default=1e-3, help="learning rate (default 1e-3)")
-    g.add_argument("--optimizer", choices=OPTIMIZERS, default="adam",
+    g.add_argument("--lr", type=positive_float, default=1e-3, help="learning rate (default 1e-3)")
+    g.add_argument("--optimizer", choices=loop.OPTIMIZERS, default="adam",
                    help="adam (default) or sgd with momentum 0.9")
-    g.add_argument("--bn-momentum", type=float, default=0.9,
+    g.add_argument("--bn-momentum", type=_momentum, default=0.9,
                    help="running = m * running + (1 - m) * batch (default 0.9)")
     g.add_argument("--seed", type=int, default=0, help="init and data-order seed (default 0)")
     g.add_argument("--devices", type=_devices, default=1,
@@ -122,20 +114,27 @@ def _common(p: argparse.ArgumentParser, *, epochs: int, hidden: list[int], norm:
     g.add_argument("--coordinator", default=None,
                    help="coordinator address host:port (default: $JAX_COORDINATOR_ADDRESS or "
                         "auto-detected)")
-    g.add_argument("--num-processes", type=_positive_int, default=None,
+    g.add_argument("--num-processes", type=positive_int, default=None,
                    help="number of processes (default: auto-detected)")
     g.add_argument("--process-id", type=int, default=None,
                    help="this process's id, 0..N-1 (default: auto-detected)")
     g = p.add_argument_group("output")
-    g.add_argument("--out", default=None, help="output directory (default runs/<command>; "
-                                               "runs/latest for train)")
+    out = os.path.join("runs", "latest" if command == "train" else command)
+    g.add_argument("--out", default=out, help=f"output directory (default {out})")
     g.add_argument("--quiet", action="store_true", help="no progress bars")
     g.add_argument("--no-plots", action="store_true", help="do not write PNG plots")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _command(sub, name: str, **common) -> argparse.ArgumentParser:
+    p = sub.add_parser(name, help=COMMANDS[name], description=COMMANDS[name] + ".")
+    _common(p, command=name, **common)
+    return p
+
+
+def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    """The top-level parser and each command's parser."""
     parser = argparse.ArgumentParser(
-        prog="python -m train",
+        prog=PROG,
         description="Train an MLP with jaxbn batch norm on UCI digits (or CIFAR-10). "
                     "Without a command, runs 'train'. The command comes first; "
                     "'python -m train COMMAND --help' lists its options.",
@@ -143,127 +142,72 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND",
                                 title="commands (default: train)")
-    p = sub.add_parser("train", help=COMMANDS["train"], description=COMMANDS["train"] + ".")
-    _common(p, epochs=20, hidden=[256, 256])
+    p = _command(sub, "train", epochs=20, hidden=[256, 256])
     g = p.add_argument_group("checkpoints")
-    g.add_argument("--checkpoint-every", type=_nonnegative_int, default=0, metavar="K",
+    g.add_argument("--checkpoint-every", type=nonnegative_int, default=1, metavar="K",
                    help="save --out/checkpoint.npz every K EPOCHS (params, running stats, "
-                        "optimizer state, step, data-order state), atomically; 0 = never")
+                        "optimizer state, step, data-order state), atomically; 0 = only on "
+                        "Ctrl-C. Default 1")
     g.add_argument("--resume", action="store_true",
                    help="continue from --out/checkpoint.npz (same settings; --epochs may grow); "
                         "starts from scratch if there is none")
-    p.add_argument("--init-scale", type=float, default=None,
+    p.add_argument("--init-scale", type=positive_float, default=None,
                    help="std of a plain normal weight init (default: He init)")
-    p.add_argument("--debug-epoch-sleep", type=float, default=0.0, help=argparse.SUPPRESS)
 
-    p = sub.add_parser("compare", help=COMMANDS["compare"], description=COMMANDS["compare"] + ".")
-    _common(p, epochs=10, hidden=[256, 256], norm=False)
-    p.add_argument("--timing-steps", type=_positive_int, default=200,
-                   help="timed steps per implementation after warm-up (default 200)")
-    p.add_argument("--timing-batch-size", type=_positive_int, default=None,
+    p = _command(sub, "compare", epochs=10, hidden=[256, 256], norm=False)
+    p.add_argument("--timing-steps", type=positive_int, default=200,
+                   help="timed steps per implementation, in 3 rounds that each start "
+                        "with 5 warm-up steps (default 200)")
+    p.add_argument("--timing-batch-size", type=positive_int, default=None,
                    help="batch size of the timed steps (default: --batch-size)")
 
-    p = sub.add_parser("init-scale", help=COMMANDS["init-scale"],
-                       description=COMMANDS["init-scale"] + ".")
-    _common(p, epochs=10, hidden=[100] * 5, norm=False)
-    p.add_argument("--scales", type=float, nargs="+", default=None,
+    p = _command(sub, "init-scale", epochs=10, hidden=[100] * 5, norm=False)
+    p.add_argument("--scales", type=positive_float, nargs="+", default=None,
                    help="init scales (default: 10 points log-spaced over 1e-4..1e1)")
 
-    p = sub.add_parser("batch-size", help=COMMANDS["batch-size"],
-                       description=COMMANDS["batch-size"] + ".")
-    _common(p, epochs=10, hidden=[256, 256], norm=False)
-    p.add_argument("--batch-sizes", type=_positive_int, nargs="+",
+    p = _command(sub, "batch-size", epochs=10, hidden=[256, 256], norm=False)
+    p.add_argument("--batch-sizes", type=positive_int, nargs="+",
                    default=[4, 8, 16, 32, 64, 128, 256, 512],
                    help="batch sizes (default 4 8 16 32 64 128 256 512)")
     p.add_argument("--no-baseline", action="store_true",
                    help="skip the runs without batch norm")
-    return parser
+    return parser, sub.choices
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or (argv[0] not in COMMANDS and argv[0] not in ("-h", "--help")):
-        argv = ["train", *argv]
-    args = build_parser().parse_args(argv)
-    if args.out is None:
-        args.out = os.path.join("runs", "latest" if args.command == "train" else args.command)
-    return args
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """Parses ``[COMMAND] [options]`` (no command: ``train``). An unknown option is reported
+    with the usage of the command it was given to; a command after options is refused with
+    the command line that works."""
+    parser, command_parsers = build_parser()
+    named = bool(argv) and (argv[0] in COMMANDS or argv[0] in ("-h", "--help"))
+    args, extra = parser.parse_known_args(argv if named else ["train", *argv])
+    if not extra:
+        return args
+    p = command_parsers[args.command]
+    late = [a for a in extra if a in COMMANDS]
+    if late and not named:
+        rest = list(argv)
+        rest.remove(late[0])
+        p.error(f"the command comes first: {PROG} {shlex.join([late[0], *rest])} "
+                f"(got {late[0]!r} after the options)")
+    p.error(f"unrecognized arguments: {' '.join(extra)}")
 
 
-def config_from_args(args: argparse.Namespace, **overrides):
-    import jax
-
-    from train.loop import TrainConfig
-
-    if args.devices == "all":
-        args.devices = jax.device_count()
-    cfg = TrainConfig(
-        dataset=args.dataset, data_dir=args.data_dir, hidden=tuple(args.hidden),
-        norm=getattr(args, "norm", "jaxbn"), epochs=args.epochs, batch_size=args.batch_size,
-        lr=args.lr, optimizer=args.optimizer, bn_momentum=args.bn_momentum, seed=args.seed,
-        split_seed=args.split_seed, init_scale=getattr(args, "init_scale", None),
-        train_subset=args.train_subset, test_subset=args.test_subset, devices=args.devices,
-        checkpoint_every=getattr(args, "checkpoint_every", 0),
-        resume=getattr(args, "resume", False), out=args.out, quiet=args.quiet,
-        debug_epoch_sleep=getattr(args, "debug_epoch_sleep", 0.0),
-    )
-    return cfg.__class__(**{**cfg.__dict__, **overrides})
+def resume_command(argv: list[str]) -> str:
+    """The user's command line with ``--resume`` added (once)."""
+    return f"{PROG} {shlex.join(argv if '--resume' in argv else [*argv, '--resume'])}"
 
 
-def load_data(args: argparse.Namespace):
-    from train import data
-
-    ds = data.load(args.dataset, data_dir=args.data_dir, split_seed=args.split_seed)
-    return data.subset(ds, train=args.train_subset, test=args.test_subset, seed=args.split_seed)
-
-
-def cmd_train(args: argparse.Namespace) -> int:
-    from train import loop, plots
-    from train._io import write_results
-
-    t0 = time.perf_counter()
-    ds = load_data(args)
-    cfg = config_from_args(args)
-    if not loop.is_main_process():  # multi-host: every process trains, process 0 reports
-        loop.run(cfg, ds)
-        return 0
-    print(f"train: {ds.name} ({len(ds.y_train)} train / {len(ds.y_test)} test, "
-          f"{ds.x_train.shape[1]} features), MLP {ds.x_train.shape[1]}-"
-          f"{'-'.join(map(str, cfg.hidden))}-{ds.num_classes}, norm={cfg.norm}, "
-          f"{cfg.optimizer} lr={cfg.lr}, batch {cfg.batch_size}, {cfg.epochs} epochs, "
-          f"seed {cfg.seed}, devices {cfg.devices} -> {cfg.out}", flush=True)
-    res = loop.run(cfg, ds)
-    os.makedirs(cfg.out, exist_ok=True)
-    loop.save_final_state(os.path.join(cfg.out, loop.FINAL_STATE_NAME), res.state)
-    hist = res.history
-    metrics = {
-        "command": "train",
-        "test_accuracy": hist[-1]["test_accuracy"],
-        "train_accuracy": hist[-1]["train_accuracy"],
-        "final_train_loss": hist[-1]["train_loss"],
-        "train_loss": [h["train_loss"] for h in hist],
-        "train_accuracy_per_epoch": [h["train_accuracy"] for h in hist],
-        "test_accuracy_per_epoch": [h["test_accuracy"] for h in hist],
-        "epoch_time_s": [h["epoch_time_s"] for h in hist],
-        "steps": int(res.state.step),
-        "evaluation": "eval mode: batch_norm_eval with running statistics",
-        "resumed_from_epoch": res.resumed_from_epoch,
-        "settings": {**cfg.settings(), "num_train": len(ds.y_train),
-                     "num_test": len(ds.y_test)},
-        "wall_time_s": time.perf_counter() - t0,
-        "train_time_s": res.wall_time_s,
-        "versions": loop.versions(),
-    }
-    write_results(cfg.out, metrics, None if args.no_plots else lambda out: plots.training_curves(
-        hist, os.path.join(out, "curves.png"),
-        title=f"{ds.name}: MLP {'-'.join(map(str, cfg.hidden))}, norm={cfg.norm}, "
-              f"test acc {100 * metrics['test_accuracy']:.2f}%"))
-    print(f"test accuracy {100 * metrics['test_accuracy']:.2f}%  "
-          f"wall time {metrics['wall_time_s']:.1f} s  -> {cfg.out}/metrics.json", flush=True)
-    return 0
+COMMAND_FUNCTIONS = {
+    "train": commands.cmd_train,
+    "compare": experiments.cmd_compare,
+    "init-scale": experiments.cmd_init_scale,
+    "batch-size": experiments.cmd_batch_size,
+}
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     if args.distributed:
         import jax
@@ -271,21 +215,21 @@ def main(argv: list[str] | None = None) -> int:
         jax.distributed.initialize(coordinator_address=args.coordinator,
                                    num_processes=args.num_processes,
                                    process_id=args.process_id)
-    from train import experiments, loop
-    from train.data import DataError
-
-    name = "cmd_" + args.command.replace("-", "_")
-    command = cmd_train if args.command == "train" else getattr(experiments, name)
-    if loop.is_main_process():
-        # A previous run's results in --out must not pass for this run's if it fails.
-        for stale in ("metrics.json", loop.FINAL_STATE_NAME):
-            if os.path.exists(os.path.join(args.out, stale)):
-                os.remove(os.path.join(args.out, stale))
+    commands.remove_stale_results(args.out)
     try:
-        return command(args)
+        with loop.ctrl_c_stops():  # Ctrl-C from here on stops between train steps
+            return COMMAND_FUNCTIONS[args.command](args)
     except loop.Diverged as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        return 1
+        return _fail(f"error: {e}", 1)
     except (DataError, loop.CheckpointError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        return 2
+        return _fail(f"error: {e}", 2)
+    except loop.Interrupted as e:
+        return _fail(f"{e}\nresume with: {resume_command(argv)}" if e.checkpoint else str(e),
+                     130)
+    except KeyboardInterrupt:
+        return _fail("interrupted", 130)
+
+
+def _fail(message: str, status: int) -> int:
+    print(message, file=sys.stderr, flush=True)
+    return status

@@ -147,7 +147,13 @@ def subset(ds: Dataset, *, train: int | None = None, test: int | None = None,
 
 
 def load(name: str, *, data_dir: str | None = None, split_seed: int = 0) -> Dataset:
+    """Data set ``name``; ``data_dir`` is where CIFAR-10 lies (digits comes with scikit-learn,
+    so a ``data_dir`` given with it is an error rather than silently ignored)."""
     if name == "digits":
+        if data_dir is not None:
+            raise DataError(f"--data-dir {data_dir} is only read by --dataset cifar10; the "
+                            "digits data set (the default) is bundled with scikit-learn. Drop "
+                            "--data-dir or add --dataset cifar10.")
         return load_digits(split_seed=split_seed)
     if name == "cifar10":
         return load_cifar10(data_dir)

@@ -14,9 +14,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from train import loop, plots
-from train._io import write_results
-from train.cli import config_from_args, load_data
+from benchmarks.common import time_interleaved
+from train import loop, plots, progress
+from train.commands import config_from_args, load_data, report
 
 COMPARE_NORMS = ("jaxbn", "autodiff", "staged")
 
@@ -56,9 +56,17 @@ def _abs_leaf_diff(a, b) -> float:
                for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
 
-def _time_steps(cfgs: dict, ds, *, steps: int) -> dict[str, float]:
-    """Median seconds per train step of each config over ``steps`` timed steps each, after
-    5 warm-up steps; one step of each config in turn, the first of each turn rotating."""
+TIMING_ROUNDS = 3
+
+
+def _time_steps(cfgs: dict, ds, *, steps: int) -> tuple[dict[str, float], dict[str, float]]:
+    """``(median, spread)`` seconds per train step of each config.
+
+    :func:`benchmarks.common.time_interleaved` (5 warm-up steps, then one step of
+    each config in turn) runs ``TIMING_ROUNDS`` times with ``steps // TIMING_ROUNDS``
+    steps each; ``median`` is the median of the rounds' medians and ``spread`` their
+    range (max - min), the run-to-run noise of that median.
+    """
     first = next(iter(cfgs.values()))
     bs = first.batch_size
     if first.devices > 1:
@@ -66,23 +74,33 @@ def _time_steps(cfgs: dict, ds, *, steps: int) -> dict[str, float]:
         x, y = loop.to_global(ds.x_train[:bs], batch), loop.to_global(ds.y_train[:bs], batch)
     else:
         x, y = jnp.asarray(ds.x_train[:bs]), jnp.asarray(ds.y_train[:bs])
-    fns, states, times = {}, {}, {name: [] for name in cfgs}
-    for name, cfg in cfgs.items():
-        fns[name] = loop.step_fn(cfg.norm, cfg.optimizer, cfg.lr, cfg.bn_momentum, cfg.devices)
-        states[name] = loop.init_state(cfg, ds)
-        if cfg.devices > 1:
-            states[name] = loop.to_global(states[name], rep)
-        for _ in range(5):  # compile and warm up
-            states[name], loss = fns[name](states[name], x, y)
-        jax.block_until_ready(states[name])
-    names = list(cfgs)
-    for turn in range(steps):
-        for name in names[turn % len(names):] + names[:turn % len(names)]:
-            t = time.perf_counter()
-            states[name], loss = fns[name](states[name], x, y)
-            jax.block_until_ready((states[name], loss))
-            times[name].append(time.perf_counter() - t)
-    return {name: float(np.median(t)) for name, t in times.items()}
+    states = {}
+
+    def step_of(name, cfg):
+        fn = loop.step_fn(cfg.norm, cfg.optimizer, cfg.lr, cfg.bn_momentum, cfg.devices)
+        state = loop.init_state(cfg, ds)
+        states[name] = loop.to_global(state, rep) if cfg.devices > 1 else state
+
+        def step():
+            states[name], loss = fn(states[name], x, y)
+            return states[name], loss
+        return step
+
+    calls = {name: step_of(name, cfg) for name, cfg in cfgs.items()}
+    rounds = []
+    for _ in range(TIMING_ROUNDS):
+        rounds.append(time_interleaved(calls, max(1, steps // TIMING_ROUNDS), warmup=5))
+        loop.stop_if_pressed()
+    per_name = {name: [r[name] for r in rounds] for name in cfgs}
+    return ({n: float(np.median(t)) for n, t in per_name.items()},
+            {n: max(t) - min(t) for n, t in per_name.items()})
+
+
+def within_noise(median: dict[str, float], spread: dict[str, float]) -> bool:
+    """True if no two medians differ by more than the larger of their spreads."""
+    names = list(median)
+    return all(abs(median[a] - median[b]) <= max(spread[a], spread[b])
+               for i, a in enumerate(names) for b in names[i + 1:])
 
 
 def cmd_compare(args) -> int:
@@ -121,8 +139,10 @@ def cmd_compare(args) -> int:
     tb = args.timing_batch_size or args.batch_size
     if not 2 <= tb <= len(ds.y_train):
         raise ValueError(f"Expected 2 <= --timing-batch-size <= {len(ds.y_train)}, got {tb}.")
-    step_time = _time_steps({n: dataclasses.replace(c, batch_size=tb) for n, c in cfgs.items()},
-                            ds, steps=args.timing_steps)
+    step_time, spread = _time_steps(
+        {n: dataclasses.replace(c, batch_size=tb) for n, c in cfgs.items()}, ds,
+        steps=args.timing_steps)
+    noise = within_noise(step_time, spread)
 
     ref = results["jaxbn"]
     losses = {n: [h["train_loss"] for h in r.history] for n, r in results.items()}
@@ -159,10 +179,14 @@ def cmd_compare(args) -> int:
         "losses": losses,
         "loss_tolerance": LOSS_ATOL,
         "step_time_s": step_time,
+        "step_time_spread_s": spread,
+        "step_time_within_noise": noise,
         "step_time_ratio_vs_jaxbn": {n: step_time[n] / step_time["jaxbn"] for n in step_time},
-        "timing": f"median of {args.timing_steps} steps per implementation (batch {tb}) after "
-                  "5 warm-up steps, one step of each in turn (rotating which goes first), "
-                  "each step block_until_ready",
+        "timing": f"{TIMING_ROUNDS} rounds of {max(1, args.timing_steps // TIMING_ROUNDS)} "
+                  f"steps per implementation (batch {tb}), each after 5 warm-up steps, one step "
+                  "of each in turn (benchmarks.common.time_interleaved); step_time_s: median "
+                  "of the rounds' medians, step_time_spread_s: their range; "
+                  "step_time_within_noise: no two medians differ by more than that range",
         "settings": {**cfg0.settings(), "norm": list(COMPARE_NORMS),
                      "timing_steps": args.timing_steps, "timing_batch_size": tb},
         "wall_time_s": time.perf_counter() - t0,
@@ -177,15 +201,20 @@ def cmd_compare(args) -> int:
     print(f"  round-off floor (jaxbn, init moved 1 ulp): max |loss diff| "
           f"{fl['max_loss_abs_diff']:.2e}; max param diff {fl['max_param_abs_diff']:.2e} abs, "
           f"{fl['max_param_rel_diff']:.2e} rel", flush=True)
-    print(f"  step time (median, batch {tb}): " + ", ".join(
-        f"{n} {1e3 * t:.3f} ms ({t / step_time['jaxbn']:.2f}x)" for n, t in step_time.items()),
-        flush=True)
-    write_results(args.out, metrics, None if args.no_plots else lambda out: plots.compare_plot(
+    if noise:
+        print(f"  step time (median \u00b1 half the spread of {TIMING_ROUNDS} rounds, batch {tb}): "
+              + ", ".join(f"{n} {1e3 * t:.3f} \u00b1 {1e3 * spread[n] / 2:.3f} ms"
+                          for n, t in step_time.items())
+              + ": the differences are within the noise, not a ranking", flush=True)
+    else:
+        print(f"  step time (median, batch {tb}): " + ", ".join(
+            f"{n} {1e3 * t:.3f} ms ({t / step_time['jaxbn']:.2f}x)"
+            for n, t in step_time.items()), flush=True)
+    report(args, metrics, lambda out: plots.compare_plot(
         metrics, os.path.join(out, "compare.png"),
         title=f"{ds.name}: same seed, three batch-norm backward passes "
-              f"({'agree' if ok else 'DISAGREE'} within float32 tolerance)"))
-    print(f"{'agree' if ok else 'DISAGREE'} within tolerance; wall time "
-          f"{metrics['wall_time_s']:.1f} s -> {args.out}/metrics.json", flush=True)
+              f"({'agree' if ok else 'DISAGREE'} within float32 tolerance)"),
+        headline=f"{'agree' if ok else 'DISAGREE'} within tolerance; ")
     return 0 if ok else 3
 
 
@@ -198,10 +227,21 @@ def _sweep_run(cfg, ds):
     return res
 
 
-def _progress(total, args, desc):
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=desc, disable=args.quiet, leave=False, dynamic_ncols=True)
+def scales_summary(scales: list[float], passed: list[bool]) -> str:
+    """Which of the sweep's ``scales`` reach > 90% test accuracy: none, one, a range (when
+    they are consecutive points of the sweep) or a list."""
+    good = [s for s, p in zip(scales, passed) if p]
+    n = len(scales)
+    if n == 1:
+        return f"test acc > 90% {'at' if good else 'not reached at'} scale {scales[0]:.3g}"
+    if not good:
+        return f"test acc > 90% at none of the {n} scales"
+    if len(good) == 1:
+        return f"test acc > 90% only at scale {good[0]:.3g} (1 of {n} scales)"
+    idx = [i for i, p in enumerate(passed) if p]
+    which = (f"{good[0]:.3g}..{good[-1]:.3g}" if idx[-1] - idx[0] + 1 == len(idx)
+             else ", ".join(f"{s:.3g}" for s in good))
+    return f"test acc > 90% at {len(good)} of {n} scales: {which}"
 
 
 def cmd_init_scale(args) -> int:
@@ -212,7 +252,7 @@ def cmd_init_scale(args) -> int:
     print(f"init-scale: {ds.name}, hidden {list(args.hidden)}, {args.epochs} epochs, "
           f"{len(scales)} scales x {len(variants)} variants", flush=True)
     rows = {}
-    bar = _progress(len(scales) * len(variants), args, "init-scale")
+    bar = progress.bar(len(scales) * len(variants), "init-scale", quiet=args.quiet)
     for label, norm in variants.items():
         r = {"train_accuracy": [], "test_accuracy": [], "final_loss": [], "diverged": []}
         for s in scales:
@@ -227,14 +267,12 @@ def cmd_init_scale(args) -> int:
                 "diverged (NaN/inf loss)" if h is None else
                 f"train acc {100 * h['train_accuracy']:6.2f}%  test acc "
                 f"{100 * h['test_accuracy']:6.2f}%  loss {h['train_loss']:.4f}"))
-            bar.write(msg) if not args.quiet else print(msg, flush=True)
+            progress.log(msg)
         rows[label] = r
     bar.close()
-    good = {label: [s for s, a in zip(scales, r["test_accuracy"]) if a > 0.9]
-            for label, r in rows.items()}
-    summary = {label: (f"test acc > 90% for scales {min(g):.3g}..{max(g):.3g} "
-                       f"({len(g)}/{len(scales)} points)" if g else "test acc > 90% nowhere")
-               for label, g in good.items()}
+    passed = {label: [a > 0.9 for a in r["test_accuracy"]] for label, r in rows.items()}
+    good = {label: [s for s, p in zip(scales, ps) if p] for label, ps in passed.items()}
+    summary = {label: scales_summary(scales, ps) for label, ps in passed.items()}
     for label, s in summary.items():
         print(f"  {label}: {s}", flush=True)
     metrics = {
@@ -248,12 +286,11 @@ def cmd_init_scale(args) -> int:
         "wall_time_s": time.perf_counter() - t0,
         "versions": loop.versions(),
     }
-    write_results(args.out, metrics, None if args.no_plots else lambda out: plots.init_scale_plot(
+    report(args, metrics, lambda out: plots.init_scale_plot(
         scales, rows, os.path.join(out, "init_scale.png"),
         title=f"{ds.name}: {len(args.hidden)} hidden layers of "
               f"{'/'.join(map(str, sorted(set(args.hidden))))}, {args.epochs} epochs, "
               f"{args.optimizer} lr {args.lr:g}, batch {args.batch_size}"))
-    print(f"wall time {metrics['wall_time_s']:.1f} s -> {args.out}/metrics.json", flush=True)
     return 0
 
 
@@ -270,7 +307,8 @@ def cmd_batch_size(args) -> int:
     rows = {k: [] for k in keys}
     if not args.no_baseline:
         rows.update(test_accuracy_none=[], final_loss_none=[])
-    bar = _progress(len(sizes) * (1 if args.no_baseline else 2), args, "batch-size")
+    bar = progress.bar(len(sizes) * (1 if args.no_baseline else 2), "batch-size",
+                       quiet=args.quiet)
     for b in sizes:
         cfg = _quiet_cfg(args, norm="jaxbn", batch_size=b)
         res = _sweep_run(cfg, ds)
@@ -300,7 +338,7 @@ def cmd_batch_size(args) -> int:
             rows["final_loss_none"].append(h0["train_loss"] if h0 else math.nan)
             msg += ("  | no BN diverged" if h0 is None else
                     f"  | no BN test acc {100 * h0['test_accuracy']:6.2f}%")
-        bar.write(msg) if not args.quiet else print(msg, flush=True)
+        progress.log(msg)
     bar.close()
     gap = [e - t for e, t in zip(rows["test_accuracy_eval"], rows["test_accuracy_train_mode"])]
     metrics = {
@@ -316,9 +354,8 @@ def cmd_batch_size(args) -> int:
         "wall_time_s": time.perf_counter() - t0,
         "versions": loop.versions(),
     }
-    write_results(args.out, metrics, None if args.no_plots else lambda out: plots.batch_size_plot(
+    report(args, metrics, lambda out: plots.batch_size_plot(
         sizes, rows, os.path.join(out, "batch_size.png"),
         title=f"{ds.name}: MLP hidden {'-'.join(map(str, args.hidden))}, {args.epochs} "
               f"epochs for every batch size, {args.optimizer} lr {args.lr:g}"))
-    print(f"wall time {metrics['wall_time_s']:.1f} s -> {args.out}/metrics.json", flush=True)
     return 0

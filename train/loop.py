@@ -12,11 +12,13 @@ replays exactly what the uninterrupted run would have done.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
 import os
-import sys
+import signal
+import threading
 import time
 from typing import Any, NamedTuple
 
@@ -24,9 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from tqdm import tqdm
 
-from train import _io
+from train import _io, progress
 from train.data import Dataset, epoch_order
 from train.model import MLPParams, MLPStats, apply, init_mlp
 
@@ -60,7 +61,6 @@ class TrainConfig:
     resume: bool = False
     out: str | None = None
     quiet: bool = False
-    debug_epoch_sleep: float = 0.0  # test hook: seconds to sleep after each epoch
 
     # settings that must match for --resume to continue a checkpoint
     RESUME_KEYS = ("dataset", "hidden", "norm", "batch_size", "lr", "optimizer", "bn_momentum",
@@ -85,6 +85,16 @@ class Diverged(RuntimeError):
 
 class CheckpointError(ValueError):
     """A checkpoint cannot be resumed with these settings."""
+
+
+class Interrupted(Exception):
+    """Ctrl-C stopped a run; ``checkpoint`` holds ``epoch`` (None, 0: no epoch completed)."""
+
+    def __init__(self, checkpoint: str | None, epoch: int):
+        self.checkpoint, self.epoch = checkpoint, epoch
+        super().__init__(
+            f"interrupted; the checkpoint of epoch {epoch} is in {checkpoint}" if checkpoint
+            else "interrupted before the first epoch completed; no checkpoint was written")
 
 
 class RunResult(NamedTuple):
@@ -292,13 +302,6 @@ def load_checkpoint(path: str, template: TrainState, cfg: TrainConfig):
 
 # --- the loop ----------------------------------------------------------------------------
 
-def _log(msg: str, quiet_bar: bool) -> None:
-    if quiet_bar:
-        print(msg, flush=True)
-    else:
-        tqdm.write(msg)
-
-
 def run(cfg: TrainConfig, ds: Dataset, *, verbose: bool = True,
         init: TrainState | None = None) -> RunResult:
     """Trains ``cfg`` on ``ds``; writes checkpoints to ``cfg.out`` if asked.
@@ -309,9 +312,45 @@ def run(cfg: TrainConfig, ds: Dataset, *, verbose: bool = True,
     Raises:
       Diverged: the loss became NaN/inf; the last good checkpoint (if any) is kept.
       CheckpointError: ``--resume`` with a checkpoint from other settings.
+      Interrupted: Ctrl-C (KeyboardInterrupt) with ``cfg.out`` set; the checkpoint of the
+        last completed epoch has been written first. Without ``cfg.out`` the
+        KeyboardInterrupt itself propagates.
     """
     t0 = time.perf_counter()
-    n = len(ds.y_train)
+    _check_settings(cfg, len(ds.y_train))
+    ckpt = os.path.join(cfg.out, CHECKPOINT_NAME) if cfg.out else None
+    state = init_state(cfg, ds) if init is None else init
+    state, start, history = _resume(cfg, state, ckpt, verbose=verbose)
+    saved = start or None  # epoch of the checkpoint on disk that belongs to this run, if any
+    step = step_fn(cfg.norm, cfg.optimizer, cfg.lr, cfg.bn_momentum, cfg.devices)
+    state, put, host = _placement(cfg, state)
+    verbose = verbose and is_main_process()
+    done = (state, start)  # the state after the last completed epoch, and that epoch
+    try:
+        with ctrl_c_stops():
+            for epoch in range(start, cfg.epochs):
+                started = time.perf_counter()
+                state, losses = _train_epoch(step, state, ds, cfg, epoch, put,
+                                             verbose=verbose)
+                _check_finite(losses, epoch, ckpt, saved)
+                history.append(_evaluate(state, losses, ds, cfg, epoch, host, started=started))
+                done = (state, epoch + 1)
+                if verbose:
+                    _log_epoch(history[-1], cfg.epochs)
+                if ckpt and cfg.checkpoint_every and (epoch + 1) % cfg.checkpoint_every == 0:
+                    if is_main_process():
+                        save_checkpoint(ckpt, state, epoch=epoch + 1, cfg=cfg, history=history)
+                    saved = epoch + 1
+                stop_if_pressed()
+    except KeyboardInterrupt:
+        if ckpt is None:
+            raise
+        raise _save_interrupted(ckpt, *done, cfg=cfg, history=history, saved=saved) from None
+    return RunResult(state, history, time.perf_counter() - t0, start)
+
+
+def _check_settings(cfg: TrainConfig, n: int) -> None:
+    """ValueError unless the batch size fits ``n`` training examples and the devices."""
     if cfg.batch_size < 2 or cfg.batch_size > n:
         raise ValueError(f"Expected 2 <= batch size <= {n} (training examples), "
                          f"got {cfg.batch_size}.")
@@ -319,75 +358,128 @@ def run(cfg: TrainConfig, ds: Dataset, *, verbose: bool = True,
     if cfg.batch_size % cfg.devices:
         raise ValueError(f"Batch size {cfg.batch_size} must be divisible by --devices "
                          f"{cfg.devices}.")
-    step = step_fn(cfg.norm, cfg.optimizer, cfg.lr, cfg.bn_momentum, cfg.devices)
-    state = init_state(cfg, ds) if init is None else init
-    history: list[dict] = []
-    start = 0
-    saved_epoch = None  # epoch of the checkpoint on disk that belongs to this run, if any
-    ckpt = os.path.join(cfg.out, CHECKPOINT_NAME) if cfg.out else None
-    if cfg.resume and ckpt and os.path.exists(ckpt):
-        state, start, history = load_checkpoint(ckpt, state, cfg)
-        saved_epoch = start
-        if start > cfg.epochs:
-            raise CheckpointError(f"Checkpoint {ckpt} is already at epoch {start}, past "
-                                  f"--epochs {cfg.epochs}.")
-        if verbose and is_main_process():
-            print(f"resuming from {ckpt} after epoch {start} (step {int(state.step)})",
-                  flush=True)
-    elif cfg.resume and verbose:
-        print(f"--resume: no checkpoint at {ckpt}; starting from scratch", flush=True)
-    put = lambda a: a  # noqa: E731
-    host = lambda tree: tree  # noqa: E731
-    if cfg.devices > 1:
-        rep, batch_sh = batch_sharding(cfg.devices)
-        state = to_global(state, rep)
-        put = lambda a: to_global(a, batch_sh)  # noqa: E731
-        host = jax.device_get  # replicated arrays: every process reads its local copy
-    verbose = verbose and is_main_process()
-    steps_per_epoch = n // cfg.batch_size  # the incomplete last batch is dropped
-    for epoch in range(start, cfg.epochs):
-        te = time.perf_counter()
-        order = epoch_order(cfg.seed, epoch, n)
-        losses = []
-        bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
-                   disable=cfg.quiet or not verbose, file=sys.stderr, dynamic_ncols=True)
-        for i in range(steps_per_epoch):
+
+
+def _resume(cfg: TrainConfig, state: TrainState, ckpt: str | None, *, verbose: bool):
+    """``(state, epochs done, history)``: from ``ckpt`` with ``cfg.resume``, else fresh."""
+    if not (cfg.resume and ckpt and os.path.exists(ckpt)):
+        if cfg.resume and verbose and is_main_process():
+            print(f"--resume: no checkpoint at {ckpt}; starting from scratch", flush=True)
+        return state, 0, []
+    state, start, history = load_checkpoint(ckpt, state, cfg)
+    if start > cfg.epochs:
+        raise CheckpointError(f"Checkpoint {ckpt} is already at epoch {start}, past "
+                              f"--epochs {cfg.epochs}.")
+    if verbose and is_main_process():
+        print(f"resuming from {ckpt} after epoch {start} (step {int(state.step)})", flush=True)
+    return state, start, history
+
+
+def _placement(cfg: TrainConfig, state: TrainState):
+    """``(state, put, host)``: the state on its devices, how to place a batch, how to read
+    the state back. One device: as they are; several: replicated state, split batch."""
+    if cfg.devices == 1:
+        return state, (lambda a: a), (lambda tree: tree)
+    rep, batch = batch_sharding(cfg.devices)
+    # replicated arrays: every process reads its local copy with jax.device_get
+    return to_global(state, rep), (lambda a: to_global(a, batch)), jax.device_get
+
+
+def _train_epoch(step, state: TrainState, ds: Dataset, cfg: TrainConfig, epoch: int, put,
+                 *, verbose: bool) -> tuple[TrainState, np.ndarray]:
+    """The steps of one epoch (the incomplete last batch dropped); ``(state, losses)``.
+    KeyboardInterrupt after a step if Ctrl-C was pressed."""
+    order = epoch_order(cfg.seed, epoch, len(ds.y_train))
+    losses = []
+    with progress.bar(len(order) // cfg.batch_size, f"epoch {epoch + 1}/{cfg.epochs}",
+                      quiet=cfg.quiet or not verbose) as bar:
+        for i in range(len(order) // cfg.batch_size):
             idx = order[i * cfg.batch_size:(i + 1) * cfg.batch_size]
             state, loss = step(state, put(ds.x_train[idx]), put(ds.y_train[idx]))
             losses.append(loss)
             bar.update()
-        bar.close()
-        losses = np.array([np.asarray(v) for v in jax.device_get(losses)])
-        if not np.all(np.isfinite(losses)):
-            bad = int(np.argmax(~np.isfinite(losses)))
-            kept = (f"the last good checkpoint {ckpt} (epoch {saved_epoch}) is kept"
-                    if saved_epoch is not None else "no checkpoint was written")
-            raise Diverged(
-                f"training diverged: loss is {losses[bad]} at epoch {epoch + 1}, step "
-                f"{epoch * steps_per_epoch + bad + 1}; {kept}. Try a smaller --lr."
-            )
-        params, stats = host((state.params, state.stats))
-        rec = {
-            "epoch": epoch + 1,
-            "train_loss": float(losses.mean()),
-            "train_accuracy": accuracy(params, stats, ds.x_train, ds.y_train, norm=cfg.norm),
-            "test_accuracy": accuracy(params, stats, ds.x_test, ds.y_test, norm=cfg.norm),
-            "epoch_time_s": time.perf_counter() - te,
-        }
-        history.append(rec)
-        if verbose:
-            _log(f"epoch {rec['epoch']:3d}/{cfg.epochs}  loss {rec['train_loss']:.4f}  "
+            stop_if_pressed()
+    return state, np.array([np.asarray(v) for v in jax.device_get(losses)])
+
+
+def _check_finite(losses: np.ndarray, epoch: int, ckpt: str | None, saved: int | None) -> None:
+    """Diverged (naming the checkpoint on disk, if any) unless every loss is finite."""
+    if np.all(np.isfinite(losses)):
+        return
+    bad = int(np.argmax(~np.isfinite(losses)))
+    kept = (f"the last good checkpoint {ckpt} (epoch {saved}) is kept" if saved is not None
+            else "no checkpoint was written")
+    raise Diverged(f"training diverged: loss is {losses[bad]} at epoch {epoch + 1}, step "
+                   f"{epoch * len(losses) + bad + 1}; {kept}. Try a smaller --lr.")
+
+
+def _evaluate(state: TrainState, losses: np.ndarray, ds: Dataset, cfg: TrainConfig,
+              epoch: int, host, *, started: float) -> dict[str, float]:
+    """The epoch's history record: eval-mode accuracies, seconds since ``started``."""
+    params, stats = host((state.params, state.stats))
+    return {
+        "epoch": epoch + 1,
+        "train_loss": float(losses.mean()),
+        "train_accuracy": accuracy(params, stats, ds.x_train, ds.y_train, norm=cfg.norm),
+        "test_accuracy": accuracy(params, stats, ds.x_test, ds.y_test, norm=cfg.norm),
+        "epoch_time_s": time.perf_counter() - started,
+    }
+
+
+def _log_epoch(rec: dict[str, float], epochs: int) -> None:
+    progress.log(f"epoch {rec['epoch']:3d}/{epochs}  loss {rec['train_loss']:.4f}  "
                  f"train acc {100 * rec['train_accuracy']:6.2f}%  "
-                 f"test acc {100 * rec['test_accuracy']:6.2f}%  ({rec['epoch_time_s']:.2f} s)",
-                 cfg.quiet)
-        if (ckpt and cfg.checkpoint_every and (epoch + 1) % cfg.checkpoint_every == 0
-                and is_main_process()):
-            save_checkpoint(ckpt, state, epoch=epoch + 1, cfg=cfg, history=history)
-        if ckpt and cfg.checkpoint_every and (epoch + 1) % cfg.checkpoint_every == 0:
-            saved_epoch = epoch + 1
-        if cfg.debug_epoch_sleep:
-            time.sleep(cfg.debug_epoch_sleep)
-    return RunResult(state, history, time.perf_counter() - t0, start)
+                 f"test acc {100 * rec['test_accuracy']:6.2f}%  ({rec['epoch_time_s']:.2f} s)")
+
+
+_CTRL_C = threading.Event()  # set by the first Ctrl-C within ctrl_c_stops()
+
+
+def _on_sigint(signum, frame):
+    if _CTRL_C.is_set():
+        raise KeyboardInterrupt  # the second Ctrl-C: at once
+    _CTRL_C.set()
+
+
+@contextlib.contextmanager
+def ctrl_c_stops():
+    """Within: the first Ctrl-C (SIGINT) only sets a flag, and :func:`stop_if_pressed` raises
+    KeyboardInterrupt where the code calls it (the loop: after every step and epoch), never
+    wherever Python happens to be (inside jax's compiler or a jax callback, where it is lost
+    or leaves jax unable to shut down cleanly). A second Ctrl-C raises at once. Nested uses
+    share the flag; a SIGINT that is ignored (nohup, a background job) is left alone."""
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+        yield
+        return
+    _CTRL_C.clear()
+    signal.signal(signal.SIGINT, _on_sigint)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        _CTRL_C.clear()
+
+
+def stop_if_pressed() -> None:
+    """KeyboardInterrupt if Ctrl-C was pressed within :func:`ctrl_c_stops`."""
+    if _CTRL_C.is_set():
+        raise KeyboardInterrupt
+
+
+def _save_interrupted(ckpt: str, state: TrainState, epoch: int, *, cfg: TrainConfig,
+                      history: list[dict], saved: int | None) -> Interrupted:
+    """Writes the checkpoint of the last completed ``epoch`` unless it is on disk already
+    (a second Ctrl-C cannot cut the write short); returns the Interrupted to raise."""
+    if epoch == 0:
+        return Interrupted(None, 0)
+    if saved != epoch and is_main_process():
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            save_checkpoint(ckpt, state, epoch=epoch, cfg=cfg, history=history[:epoch])
+        finally:
+            signal.signal(signal.SIGINT, previous)
+    return Interrupted(ckpt, epoch)
 
 
 def save_final_state(path: str, state: TrainState) -> None:

@@ -44,41 +44,71 @@ def training_curves(history: list[dict], path: str, *, title: str) -> str:
     return _save(fig, path)
 
 
+# Distinct line styles and hollow markers, so curves that lie on top of each other stay
+# visible as such.
+STYLES = [dict(ls="-", marker="o", lw=3, ms=8, alpha=0.5), dict(ls="--", marker="s", lw=1.5, ms=6),
+          dict(ls=":", marker="^", lw=1.5, ms=5)]
+
+
+def _legend_below(ax, ncol: int) -> None:
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.17), ncol=ncol, frameon=False)
+
+
 def compare_plot(results: dict, path: str, *, title: str) -> str:
     names = list(results["losses"])
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    for name in names:
-        axes[0].plot(range(1, len(results["losses"][name]) + 1), results["losses"][name],
-                     label=name, lw=1.5)
+    losses = [results["losses"][n] for n in names]
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))
+    for name, curve, style in zip(names, losses, STYLES):
+        axes[0].plot(range(1, len(curve) + 1), curve, label=name, mfc="none", **style)
+    apart = max(max(v) - min(v) for v in zip(*losses))
+    coincide = (f"\nthe {len(names)} curves coincide to within {apart:.1e}"
+                if apart <= results["loss_tolerance"] else "")
     axes[0].set_yscale("log")
-    axes[0].set(xlabel="epoch", ylabel="train loss", title="Train loss per epoch")
-    axes[0].legend()
-    for name in names[1:]:
+    axes[0].set(xlabel="epoch", ylabel="train loss", title="Train loss per epoch" + coincide)
+    _legend_below(axes[0], len(names))
+    for name, style in zip(names[1:], STYLES[1:]):
         d = [max(abs(v), 1e-12) for v in results["loss_diff"][name]]
-        axes[1].plot(range(1, len(d) + 1), d, "o-", ms=3, label=f"|{name} - {names[0]}|")
+        axes[1].plot(range(1, len(d) + 1), d, label=f"|{name} - {names[0]}|", mfc="none",
+                     **style)
     axes[1].axhline(results["roundoff_floor"]["max_loss_abs_diff"], color="gray", ls=":",
                     lw=1, label="round-off floor (1-ulp init)")
     axes[1].axhline(results["loss_tolerance"], color="k", ls="--", lw=1, label="tolerance")
     axes[1].set_yscale("log")
     axes[1].set(xlabel="epoch", ylabel="|loss difference|",
                 title=f"Loss difference vs {names[0]}")
-    axes[1].legend()
-    times = [1e3 * results["step_time_s"][n] for n in names]
-    axes[2].bar(names, times, color=["C0", "C1", "C2", "C3"][:len(names)])
-    for i, t in enumerate(times):
-        axes[2].text(i, t, f"{t:.3f}", ha="center", va="bottom")
-    axes[2].set_ylim(0, 1.2 * max(times))
-    axes[2].set(xlabel="backward implementation", ylabel="ms per train step (median)",
-                title="Train step time")
+    _legend_below(axes[1], 2)
+    _step_time_bars(axes[2], names, results)
+    for ax in axes[:2]:
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     for ax in axes:
         ax.grid(alpha=0.3)
     fig.suptitle(title)
     return _save(fig, path)
 
 
+def _step_time_bars(ax, names: list[str], results: dict) -> None:
+    """Median step times with their run-to-run spread; labelled as noise, not as a ranking,
+    when no two medians differ by more than the spread."""
+    times = [1e3 * results["step_time_s"][n] for n in names]
+    spread = [1e3 * results["step_time_spread_s"][n] for n in names]
+    noise = results["step_time_within_noise"]
+    ax.bar(names, times, yerr=[s / 2 for s in spread], capsize=6,
+           color="0.7" if noise else ["C0", "C1", "C2"][:len(names)])
+    top = max(t + s / 2 for t, s in zip(times, spread))
+    for i, (t, s) in enumerate(zip(times, spread)):
+        label = (f"{t:.3f} \u00b1 {s / 2:.3f}" if noise
+                 else f"{t:.3f} ({t / times[0]:.2f}x)")
+        ax.text(i, t + s / 2 + 0.03 * top, label, ha="center", va="bottom")
+    ax.set_ylim(0, 1.3 * top)
+    ax.set(xlabel="backward implementation",
+           ylabel="ms per train step (median; bar: spread of rounds)",
+           title="Train step time: differences within noise,\nnot a ranking" if noise
+           else "Train step time")
+
+
 def init_scale_plot(scales, rows: dict, path: str, *, title: str) -> str:
     """``rows[label] = {"train_accuracy": [...], "test_accuracy": [...], "final_loss": [...]}``."""
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.6))
     keys = [("train_accuracy", "final train accuracy (%)"),
             ("test_accuracy", "final test accuracy (%)"),
             ("final_loss", "final train loss")]
@@ -92,7 +122,7 @@ def init_scale_plot(scales, rows: dict, path: str, *, title: str) -> str:
         else:
             ax.axhline(10, color="gray", ls=":", lw=1, label="chance")
         ax.set(xlabel="weight init scale (std of normal init)", ylabel=label, title=label)
-        ax.legend()
+        _legend_below(ax, 3)
         ax.grid(alpha=0.3)
     fig.suptitle(title)
     return _save(fig, path)
@@ -100,7 +130,7 @@ def init_scale_plot(scales, rows: dict, path: str, *, title: str) -> str:
 
 def batch_size_plot(sizes, rows: dict, path: str, *, title: str) -> str:
     """``rows`` has lists over ``sizes``: test_accuracy_eval, test_accuracy_train_mode, ..."""
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.8))
     ax1.plot(sizes, [100 * v for v in rows["test_accuracy_eval"]], "o-",
              label="BN, eval mode (running stats)")
     ax1.plot(sizes, [100 * v for v in rows["test_accuracy_train_mode"]], "s--",
@@ -111,7 +141,7 @@ def batch_size_plot(sizes, rows: dict, path: str, *, title: str) -> str:
     ax1.set_xscale("log", base=2)
     ax1.set(xlabel="batch size", ylabel="final test accuracy (%)",
             title="Test accuracy vs batch size")
-    ax1.legend()
+    _legend_below(ax1, 2)
     ax1.grid(alpha=0.3)
     ax2.plot(sizes, rows["final_loss"], "o-", label="BN (train mode, batch stats)")
     if "final_loss_none" in rows:
@@ -120,7 +150,7 @@ def batch_size_plot(sizes, rows: dict, path: str, *, title: str) -> str:
     ax2.set_yscale("log")
     ax2.set(xlabel="batch size", ylabel="last epoch's mean minibatch loss",
             title="Final train loss")
-    ax2.legend()
+    _legend_below(ax2, 2)
     ax2.grid(alpha=0.3)
     fig.suptitle(title)
     return _save(fig, path)
