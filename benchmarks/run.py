@@ -1,12 +1,14 @@
-"""``python -m benchmarks``: speed and memory of jaxbn vs the other batch norms.
+"""``python -m benchmarks``: speed and memory of jaxbn vs the other batch norms,
+and of ``jaxbn.rms_norm`` vs the other RMS norms.
 
-In one process, for each shape and dtype, after compiling and warming up,
+In one process, for each family, shape and dtype, after compiling and warming up,
 the forward+backward steps of every implementation (and the elementwise
 bandwidth reference) are called round-robin, the first one rotating each
 round; each gets the median of its calls. Every number reported is a ratio
-to jaxbn (or to the bandwidth reference) measured in the same round-robin.
+to the family's jaxbn function (or to the bandwidth reference) measured in the
+same round-robin.
 
-Writes ``benchmarks/results/``: ``results.json``, ``RESULTS.md`` and two plots.
+Writes ``benchmarks/results/``: ``results.json``, ``RESULTS.md`` and three plots.
 ``--quick`` writes ``*-quick`` files into the git-ignored
 ``benchmarks/results-quick/`` instead (``--out`` chooses another directory),
 leaving the full results alone.
@@ -44,6 +46,11 @@ ND_SHAPES = [
 ]
 CONV_SHAPES = [(32, 56, 56, 64), (64, 28, 28, 128), (64, 14, 14, 256), (64, 7, 7, 512)]
 QUICK_SHAPES = [(64, 64), (256, 1024), (4096, 1024), (32, 28, 28, 64)]
+RMS_SHAPES = [(256, 1024), (4096, 1024), (16384, 1024), (4096, 4096), (32, 128, 768)]
+RMS_QUICK_SHAPES = [(256, 1024), (8, 64, 256)]
+# family -> (shapes, quick shapes)
+SHAPES = {"batch_norm": (ND_SHAPES + CONV_SHAPES, QUICK_SHAPES),
+          "rms_norm": (RMS_SHAPES, RMS_QUICK_SHAPES)}
 
 
 def _machine() -> dict:
@@ -100,14 +107,14 @@ def _interleaved(
     return time_interleaved(calls, repeats, warmup=0), repeats
 
 
-def bench_case(shape, dtype_name, fns, budget_s, min_repeats, max_repeats):
+def bench_case(shape, dtype_name, fns, budget_s, min_repeats, max_repeats, shift=True):
     import jax
     import jax.numpy as jnp
 
     from benchmarks import impls
 
     dtype = jnp.dtype(dtype_name)
-    args = impls.make_inputs(shape, dtype)
+    args = impls.make_inputs(shape, dtype, shift=shift)
     x, gamma, beta, _ = args
     calls, memory = {}, {}
     for name, apply in fns.items():
@@ -237,9 +244,84 @@ def _shape_str(shape):
     return "x".join(map(str, shape))
 
 
-def write_markdown(result, path: Path, plots: dict):
-    from benchmarks.impls import LABELS
+def sections(result) -> dict[str, dict]:
+    """family -> its part of ``result``: ``cases``, ``summary`` and ``counts``.
 
+    Batch norm's are the result's own keys (as in results.json files written
+    before RMS norm was measured); another family's are under its name, if measured.
+    """
+    from benchmarks.impls import FAMILIES
+
+    return {"batch_norm": result, **{f: result[f] for f in FAMILIES if f in result}}
+
+
+def _summary_lines(section, labels, level) -> list[str]:
+    lines = []
+    for dtype_name, summary in section["summary"].items():
+        lines += [
+            f"{level} Summary, {dtype_name} (geometric mean over "
+            f"{section['counts'][dtype_name]} shapes)",
+            "",
+            "| implementation | time / jaxbn | elementwise passes | residuals / x | "
+            "residuals beyond x / x | temp / x |",
+            "|---|---:|---:|---:|---:|---:|",
+        ]
+        for name, s in summary.items():
+            lines.append(
+                f"| {labels[name]} | {s['ratio_to_jaxbn']:.2f} | {s['passes']:.2f} | "
+                f"{s['residual_x']:.3f} | {s['residual_beyond_x']:.3f} | {s['temp_x']:.2f} |"
+            )
+        lines.append("")
+    return lines
+
+
+def _per_shape_lines(section, level) -> list[str]:
+    lines = []
+    names = list(section["cases"][0]["impls"])
+    for dtype_name in section["summary"]:
+        lines += [
+            f"{level} Per shape, {dtype_name}",
+            "",
+            "| shape | elements | jaxbn ms | jaxbn passes | "
+            + " | ".join(f"{n} / jaxbn" for n in names if n != "jaxbn")
+            + " | repeats |",
+            "|---|---:|---:|---:|" + "---:|" * (len(names) - 1) + "---:|",
+        ]
+        for c in section["cases"]:
+            if c["dtype"] != dtype_name:
+                continue
+            j = c["impls"]["jaxbn"]
+            lines.append(
+                f"| {_shape_str(c['shape'])} | {c['elements']} | {j['median_s'] * 1e3:.3f} | "
+                f"{j['passes']:.2f} | "
+                + " | ".join(f"{c['impls'][n]['ratio_to_jaxbn']:.2f}" for n in names
+                             if n != "jaxbn")
+                + f" | {c['repeats']} |"
+            )
+        lines.append("")
+    return lines
+
+
+def _memory_lines(section, labels, level) -> list[str]:
+    lines = [
+        f"{level} Memory per implementation (largest shape of each dtype)", "",
+        "| dtype | shape | implementation | residuals / x | residuals beyond x / x | "
+        "temp / x |", "|---|---|---|---:|---:|---:|",
+    ]
+    for dtype_name in section["summary"]:
+        rows = [c for c in section["cases"] if c["dtype"] == dtype_name]
+        c = max(rows, key=lambda c: c["elements"])
+        for n, i in c["impls"].items():
+            lines.append(f"| {dtype_name} | {_shape_str(c['shape'])} | {labels[n]} | "
+                         f"{i['residual_x']:.4f} | {i['residual_beyond_x']:.4f} | "
+                         f"{i['temp_x']:.2f} |")
+    return lines + [""]
+
+
+def write_markdown(result, path: Path, plots: dict):
+    from benchmarks.impls import FAMILIES, RMS_EPS
+
+    labels = FAMILIES["batch_norm"].labels
     m = result["machine"]
     v = m["versions"]
     lines = ["# jaxbn benchmark results", ""]
@@ -265,21 +347,7 @@ def write_markdown(result, path: Path, plots: dict):
         "(`memory_analysis().temp_size_in_bytes`) / bytes of x.",
         "",
     ]
-    for dtype_name, summary in result["summary"].items():
-        lines += [
-            f"## Summary, {dtype_name} (geometric mean over {result['counts'][dtype_name]} "
-            "shapes)",
-            "",
-            "| implementation | time / jaxbn | elementwise passes | residuals / x | "
-            "residuals beyond x / x | temp / x |",
-            "|---|---:|---:|---:|---:|---:|",
-        ]
-        for name, s in summary.items():
-            lines.append(
-                f"| {LABELS[name]} | {s['ratio_to_jaxbn']:.2f} | {s['passes']:.2f} | "
-                f"{s['residual_x']:.3f} | {s['residual_beyond_x']:.3f} | {s['temp_x']:.2f} |"
-            )
-        lines.append("")
+    lines += _summary_lines(result, labels, "##")
     if "targets" in result:
         lines += ["## Targets (float32, geometric means)", "", "| target | measured | met |",
                   "|---|---:|---|"]
@@ -287,44 +355,25 @@ def write_markdown(result, path: Path, plots: dict):
             lines.append(f"| {t['target']} | {t['measured']:.3f} | "
                          f"{'yes' if t['met'] else 'no'} |")
         lines.append("")
-    names = list(result["cases"][0]["impls"])
-    for dtype_name in result["summary"]:
+    lines += _per_shape_lines(result, "##") + _memory_lines(result, labels, "##")
+    for family, section in sections(result).items():
+        if family == "batch_norm":
+            continue
+        f = FAMILIES[family]
         lines += [
-            f"## Per shape, {dtype_name}",
+            f"## {f.title}",
             "",
-            "| shape | elements | jaxbn ms | jaxbn passes | "
-            + " | ".join(f"{n} / jaxbn" for n in names if n != "jaxbn")
-            + " | repeats |",
-            "|---|---:|---:|---:|" + "---:|" * (len(names) - 1) + "---:|",
+            f"`jaxbn.{family}` with a scale only (`beta=None`), eps {RMS_EPS:g}, over the last "
+            "axis of each example, against the other implementations in the same "
+            f"round-robin: *time / jaxbn* is relative to `jaxbn.{family}`; passes, "
+            "residuals and temp as above.",
+            "",
+            *_summary_lines(section, f.labels, "###"),
+            *_per_shape_lines(section, "###"),
+            *_memory_lines(section, f.labels, "###"),
         ]
-        for c in result["cases"]:
-            if c["dtype"] != dtype_name:
-                continue
-            j = c["impls"]["jaxbn"]
-            lines.append(
-                f"| {_shape_str(c['shape'])} | {c['elements']} | {j['median_s'] * 1e3:.3f} | "
-                f"{j['passes']:.2f} | "
-                + " | ".join(f"{c['impls'][n]['ratio_to_jaxbn']:.2f}" for n in names
-                             if n != "jaxbn")
-                + f" | {c['repeats']} |"
-            )
-        lines.append("")
-    lines += [
-        "## Memory per implementation (largest shape of each dtype)", "",
-        "| dtype | shape | implementation | residuals / x | residuals beyond x / x | "
-        "temp / x |", "|---|---|---|---:|---:|---:|",
-    ]
-    for dtype_name in result["summary"]:
-        rows = [c for c in result["cases"] if c["dtype"] == dtype_name]
-        c = max(rows, key=lambda c: c["elements"])
-        for n in names:
-            i = c["impls"][n]
-            lines.append(f"| {dtype_name} | {_shape_str(c['shape'])} | {LABELS[n]} | "
-                         f"{i['residual_x']:.4f} | {i['residual_beyond_x']:.4f} | "
-                         f"{i['temp_x']:.2f} |")
     h = result["numpy_headline"]
     lines += [
-        "",
         "## The seed's headline in NumPy (float64, CS231n staged vs closed-form backward)",
         "",
         f"shape {_shape_str(h['shape'])}: dx difference: {h['dx_difference']:.1e}, "
@@ -376,40 +425,33 @@ def _plot_shapes(ax, cases, value, color, marker, label, linestyle="-") -> None:
             marker=marker, mfc="none", linestyle="none", markersize=8)
 
 
-def make_plots(result, out_dir: Path, suffix: str) -> dict:
-    """Writes ``time_vs_size{suffix}.png`` and ``ratios{suffix}.png``; returns title -> file.
+def _plot_time_vs_size(result, section, family, title: str, path: Path) -> None:
+    """Time per call and ratio to jaxbn against elements, one column per dtype, for one
+    family's ``section`` of ``result``."""
+    import matplotlib.pyplot as plt
 
-    Returns ``{}`` (and draws nothing) without matplotlib.
-    """
-    try:
-        import matplotlib
+    from benchmarks.impls import FAMILIES
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return {}
-    from benchmarks.impls import LABELS
-
-    dtypes = list(result["summary"])
-    names = list(result["cases"][0]["impls"])
-    machine = f"{result['machine']['cores']}-core {result['machine']['backend'].upper()}"
+    labels = FAMILIES[family].labels
+    dtypes = list(section["summary"])
+    names = list(section["cases"][0]["impls"])
     markers = dict(zip(names, "osD^v"))
     colors = dict(zip(names, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
 
     fig, axes = plt.subplots(2, len(dtypes), figsize=(7 * len(dtypes), 9.5), squeeze=False,
                              sharex="col", gridspec_kw={"height_ratios": [3, 2]})
     for col, dtype_name in enumerate(dtypes):
-        rows = sorted((c for c in result["cases"] if c["dtype"] == dtype_name),
+        rows = sorted((c for c in section["cases"] if c["dtype"] == dtype_name),
                       key=lambda c: c["elements"])
         time_ax, ratio_ax = axes[0][col], axes[1][col]
         for n in names:
             for ax, value in ((time_ax, lambda c, n=n: c["impls"][n]["median_s"] * 1e3),
                               (ratio_ax, lambda c, n=n: c["impls"][n]["ratio_to_jaxbn"])):
-                _plot_shapes(ax, rows, value, colors[n], markers[n], LABELS[n])
+                _plot_shapes(ax, rows, value, colors[n], markers[n], labels[n])
         _plot_shapes(time_ax, rows, lambda c: c["pass_s"] * 1e3, "k", "x",
                      "one elementwise pass (x*dy + x)", linestyle="--")
         time_ax.plot([], [], "o", color="gray", mfc="none",
-                     label="hollow markers: NHWC conv shapes")
+                     label=f"hollow markers: {FAMILIES[family].other_shapes}")
         time_ax.set_yscale("log")
         time_ax.set_ylabel("forward+backward time (ms, log scale)")
         time_ax.set_title(f"{dtype_name}: time per call (lower is better)")
@@ -420,9 +462,36 @@ def make_plots(result, out_dir: Path, suffix: str) -> dict:
         for ax in (time_ax, ratio_ax):
             ax.set_xscale("log")
             ax.grid(True, which="both", alpha=0.3)
-    time_file = f"time_vs_size{suffix}.png"
-    _finish(fig, result, f"Batch norm forward+backward under jax.jit, {machine}",
-            out_dir / time_file)
+    _finish(fig, result, title, path)
+
+
+def make_plots(result, out_dir: Path, suffix: str) -> dict:
+    """Writes ``time_vs_size{suffix}.png`` and ``ratios{suffix}.png`` (batch norm), and
+    ``{family}_time_vs_size{suffix}.png`` for each other family measured; returns title -> file.
+
+    Returns ``{}`` (and draws nothing) without matplotlib.
+    """
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return {}
+    from benchmarks.impls import FAMILIES
+
+    labels = FAMILIES["batch_norm"].labels
+    dtypes = list(result["summary"])
+    names = list(result["cases"][0]["impls"])
+    machine = f"{result['machine']['cores']}-core {result['machine']['backend'].upper()}"
+    files = {}
+    for family, section in sections(result).items():
+        title = FAMILIES[family].title
+        key, file = (("time vs size", f"time_vs_size{suffix}.png") if family == "batch_norm"
+                     else (f"{title} time vs size", f"{family}_time_vs_size{suffix}.png"))
+        files[key] = file
+        _plot_time_vs_size(result, section, family,
+                           f"{title} forward+backward under jax.jit, {machine}", out_dir / file)
 
     fig, axes = plt.subplots(1, 2, figsize=(13, 5.8))
     width = 0.8 / len(dtypes)
@@ -439,7 +508,7 @@ def make_plots(result, out_dir: Path, suffix: str) -> dict:
     for ax, title, ylabel in zip(axes, titles, ylabels):
         ax.set_title(title)
         ax.set_xticks(np.arange(len(names)))
-        ax.set_xticklabels([LABELS[n].replace(" (", "\n(").replace(" of ", "\nof ")
+        ax.set_xticklabels([labels[n].replace(" (", "\n(").replace(" of ", "\nof ")
                             for n in names], fontsize=8)
         ax.set_ylabel(ylabel)
         ax.grid(True, axis="y", alpha=0.3)
@@ -449,10 +518,10 @@ def make_plots(result, out_dir: Path, suffix: str) -> dict:
         ax.set_ylim(top=ax.get_ylim()[1] * 1.25)  # room for the legend above the bars
         ax.legend(fontsize=9, loc="upper center", ncol=3)
     fig.text(0.5, 0.01, PASS_EXPLAINED, ha="center", va="bottom", fontsize=9)
-    ratio_file = f"ratios{suffix}.png"
+    files["ratios"] = f"ratios{suffix}.png"
     _finish(fig, result, f"Geometric means over shapes ({counts}), {machine}",
-            out_dir / ratio_file, bottom=0.04)
-    return {"time vs size": time_file, "ratios": ratio_file}
+            out_dir / files["ratios"], bottom=0.04)
+    return files
 
 
 def targets(summary) -> list:
@@ -484,7 +553,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     """
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks",
-        description="Speed and memory of jaxbn vs staged, autodiff and Flax batch norm.",
+        description="Speed and memory of jaxbn vs staged, autodiff and Flax batch norm, "
+        "and of jaxbn.rms_norm vs autodiff and Flax RMS norm.",
     )
     parser.add_argument("--quick", action="store_true",
                         help="a few shapes and a short time budget (smoke test, ~1 minute)")
@@ -510,12 +580,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def choose_implementations(include_flax: bool) -> tuple[dict, list[str]]:
-    """The forward functions to measure, and notes for the report on what is left out."""
-    from benchmarks.impls import forward_functions
+    """family -> the forward functions to measure, and notes for the report on what is
+    left out."""
+    from benchmarks.impls import FAMILIES, forward_functions
 
-    fns = forward_functions(include_flax=include_flax)
-    notes = [FLAX_MISSING] if include_flax and "flax" not in fns else []
-    return fns, notes
+    fns = {family: forward_functions(include_flax, family) for family in FAMILIES}
+    missing = include_flax and any("flax" not in f for f in fns.values())
+    return fns, [FLAX_MISSING] if missing else []
 
 
 def _render(args: argparse.Namespace, suffix: str) -> None:
@@ -538,32 +609,39 @@ def main(argv=None) -> int:
         return 0
 
     dtypes = args.dtype or ["float32", "bfloat16"]
-    shapes = QUICK_SHAPES if args.quick else ND_SHAPES + CONV_SHAPES
     budget = args.budget if args.budget is not None else (1.0 if args.quick else 8.0)
     fns, notes = choose_implementations(include_flax=not args.no_flax)
     for note in notes:
         print(f"note: {note}", file=sys.stderr, flush=True)
+    from benchmarks.impls import FAMILIES, check_agreement
+
+    for family, family_fns in fns.items():
+        check_agreement(family_fns, shift=FAMILIES[family].shift)
     args.out.mkdir(parents=True, exist_ok=True)
 
     result = {"command": ("python -m benchmarks " + " ".join(argv if argv is not None
                                                               else sys.argv[1:])).strip(),
-              "machine": _machine(), "notes": notes, "cases": []}
+              "machine": _machine(), "notes": notes}
     if args.title_note is not None:
         result["title_note"] = args.title_note
     start = time.perf_counter()
-    for dtype_name in dtypes:
-        for shape in shapes:
-            case = bench_case(shape, dtype_name, fns, budget, 7, 300)
-            result["cases"].append(case)
-            ratios = "  ".join(
-                f"{n} {i['ratio_to_jaxbn']:.2f}x" for n, i in case["impls"].items() if n != "jaxbn"
-            )
-            j = case["impls"]["jaxbn"]
-            print(f"{dtype_name:9s} {_shape_str(shape):>14s}  jaxbn {j['median_s'] * 1e3:9.3f} ms"
-                  f" = {j['passes']:5.2f} passes  | {ratios}  (n={case['repeats']})",
-                  flush=True)
-    result["summary"] = {d: summarize(result["cases"], d) for d in dtypes}
-    result["counts"] = {d: sum(c["dtype"] == d for c in result["cases"]) for d in dtypes}
+    for family, family_fns in fns.items():
+        # batch norm's section is the result itself (see sections())
+        section = result if family == "batch_norm" else result.setdefault(family, {})
+        section["cases"] = []
+        for dtype_name in dtypes:
+            for shape in SHAPES[family][args.quick]:
+                case = bench_case(shape, dtype_name, family_fns, budget, 7, 300,
+                                  shift=FAMILIES[family].shift)
+                section["cases"].append(case)
+                ratios = "  ".join(f"{n} {i['ratio_to_jaxbn']:.2f}x"
+                                   for n, i in case["impls"].items() if n != "jaxbn")
+                j = case["impls"]["jaxbn"]
+                print(f"{family:10s} {dtype_name:9s} {_shape_str(shape):>14s}  jaxbn "
+                      f"{j['median_s'] * 1e3:9.3f} ms = {j['passes']:5.2f} passes  | {ratios}  "
+                      f"(n={case['repeats']})", flush=True)
+        section["summary"] = {d: summarize(section["cases"], d) for d in dtypes}
+        section["counts"] = {d: sum(c["dtype"] == d for c in section["cases"]) for d in dtypes}
     result["targets"] = targets(result["summary"])
     result["numpy_headline"] = numpy_headline()
     result["elapsed_s"] = time.perf_counter() - start
@@ -574,10 +652,11 @@ def main(argv=None) -> int:
     print(f"numpy {_shape_str(h['shape'])}: dx difference: {h['dx_difference']:.1e}, "
           f"dgamma difference: {h['dgamma_difference']:.1e}, dbeta difference: "
           f"{h['dbeta_difference']:.1e}, speedup: {h['speedup']:.2f}x")
-    for d, s in result["summary"].items():
-        print(f"geomean {d}: " + "  ".join(
-            f"{n}: {v['ratio_to_jaxbn']:.2f}x time, {v['passes']:.2f} passes, "
-            f"residuals {v['residual_x']:.2f}x" for n, v in s.items()))
+    for family, section in sections(result).items():
+        for d, s in section["summary"].items():
+            print(f"geomean {family} {d}: " + "  ".join(
+                f"{n}: {v['ratio_to_jaxbn']:.2f}x time, {v['passes']:.2f} passes, "
+                f"residuals {v['residual_x']:.2f}x" for n, v in s.items()))
     for t in result["targets"]:
         print(f"target {t['target']}: {t['measured']:.2f} -> {'met' if t['met'] else 'NOT met'}")
     print(f"wrote {args.out}/RESULTS{suffix}.md in {result['elapsed_s']:.0f} s")

@@ -1,8 +1,10 @@
 """`python -m benchmarks`: its report is self-consistent, quick runs stay out of git,
-a missing Flax is reported, and the shared timer times what it is given.
+a missing Flax is reported, every implementation computes what jaxbn does, and the
+shared timer times what it is given.
 
 Speed is not asserted: only that every implementation was timed, ratios are
-against jaxbn from the same run, and --render redraws the same report.
+against jaxbn (batch norm) or jaxbn.rms_norm (RMS norm) from the same run, and
+--render redraws the same report, from old results without RMS norm too.
 """
 
 import json
@@ -12,11 +14,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax.numpy as jnp
 import pytest
 
-from benchmarks import common, run
+from benchmarks import common, impls, run
 
 IMPLS = {"jaxbn", "staged", "autodiff"}
+RMS_IMPLS = {"jaxbn", "autodiff"}
 
 
 def _block_flax(monkeypatch):
@@ -35,19 +39,25 @@ def test_quick_run_writes_consistent_results(tmp_path, monkeypatch, capsys):
     assert f"note: {run.FLAX_MISSING}" in capsys.readouterr().err
     result = json.loads((out / "results-quick.json").read_text())
     assert result["notes"] == [run.FLAX_MISSING]
-    assert result["cases"] and all(c["dtype"] == "float32" for c in result["cases"])
-    for case in result["cases"]:
-        assert set(case["impls"]) == IMPLS
-        assert case["impls"]["jaxbn"]["ratio_to_jaxbn"] == 1.0
-        for info in case["impls"].values():
-            assert info["median_s"] > 0 and math.isfinite(info["passes"])
-    summary = result["summary"]["float32"]
-    assert set(summary) == IMPLS
+    for family, names in (("batch_norm", IMPLS), ("rms_norm", RMS_IMPLS)):
+        section = run.sections(result)[family]
+        assert [c["shape"] for c in section["cases"]] == [
+            list(shape) for shape in run.SHAPES[family][1]]
+        assert all(c["dtype"] == "float32" for c in section["cases"])
+        for case in section["cases"]:
+            assert set(case["impls"]) == names
+            base = case["impls"]["jaxbn"]["median_s"]  # this family's jaxbn, this round-robin
+            for info in case["impls"].values():
+                assert info["median_s"] > 0 and math.isfinite(info["passes"])
+                assert info["ratio_to_jaxbn"] == info["median_s"] / base
+        assert set(section["summary"]["float32"]) == names
+        assert section["counts"] == {"float32": len(section["cases"])}
     assert [t["target"] for t in result["targets"]]  # each target listed with its measure
     headline = result["numpy_headline"]
     assert headline["dx_difference"] < 1e-12 and headline["speedup"] > 0
     report = (out / "RESULTS-quick.md").read_text()
     assert "## Targets" in report and "jaxbn" in report
+    assert "## RMS norm" in report and "| autodiff of naive RMS norm |" in report
     assert f"- note: {run.FLAX_MISSING}" in report
     assert run.main(["--quick", "--render", "--out", str(out)]) == 0
     assert (out / "RESULTS-quick.md").read_text() == report
@@ -56,7 +66,7 @@ def test_quick_run_writes_consistent_results(tmp_path, monkeypatch, capsys):
     assert json.loads((out / "results-quick.json").read_text())["title_note"] == "BEFORE"
     assert run.main(["--quick", "--render", "--out", str(out)]) == 0
     assert "**BEFORE**" in (out / "RESULTS-quick.md").read_text()
-    for png in ("time_vs_size-quick.png", "ratios-quick.png"):
+    for png in ("time_vs_size-quick.png", "ratios-quick.png", "rms_norm_time_vs_size-quick.png"):
         assert (out / png).stat().st_size > 0
 
 
@@ -80,19 +90,73 @@ def test_quick_runs_default_to_a_git_ignored_directory():
 
 def test_installed_flax_is_measured():
     pytest.importorskip("flax.linen")
+    pytest.importorskip("flax.nnx")
     fns, notes = run.choose_implementations(include_flax=True)
-    assert set(fns) == IMPLS | {"flax"} and notes == []
+    assert set(fns["batch_norm"]) == IMPLS | {"flax"} and notes == []
+    assert set(fns["rms_norm"]) == RMS_IMPLS | {"flax"}
 
 
 def test_missing_flax_is_named_with_the_bench_extra(monkeypatch):
     _block_flax(monkeypatch)
     fns, notes = run.choose_implementations(include_flax=True)
-    assert set(fns) == IMPLS
+    assert set(fns["batch_norm"]) == IMPLS and set(fns["rms_norm"]) == RMS_IMPLS
     assert notes == [run.FLAX_MISSING]
     assert "flax not installed" in notes[0] and "pip install -e '.[bench]'" in notes[0]
     # --no-flax leaves Flax out on purpose: nothing to note.
     fns, notes = run.choose_implementations(include_flax=False)
-    assert set(fns) == IMPLS and notes == []
+    assert set(fns["batch_norm"]) == IMPLS and set(fns["rms_norm"]) == RMS_IMPLS
+    assert notes == []
+
+
+@pytest.mark.parametrize("family", sorted(impls.FAMILIES))
+def test_every_implementation_computes_what_jaxbn_does(family):
+    fns = impls.forward_functions(True, family)
+    impls.check_agreement(fns, shift=impls.FAMILIES[family].shift)  # raises on a mismatch
+
+
+def test_flax_rms_norm_that_ignores_gamma_is_caught():
+    pytest.importorskip("flax.nnx")
+    fns = impls.forward_functions(True, "rms_norm")
+    flax = fns["flax"]
+    fns["flax"] = lambda x, gamma, beta: flax(x, jnp.ones_like(gamma), beta)  # scale left at 1
+    with pytest.raises(ValueError, match=r"flax y .* flax dgamma"):
+        impls.check_agreement(fns, shift=False)
+
+
+def test_rms_norm_inputs_have_no_beta_and_the_same_x():
+    x, gamma, beta, dy = impls.make_inputs((4, 8), jnp.float32, shift=False)
+    assert beta is None
+    same = impls.make_inputs((4, 8), jnp.float32)
+    for a, b in zip((x, gamma, dy), (same[0], same[1], same[3])):
+        assert (a == b).all()
+
+
+def test_old_results_without_rms_norm_render_the_committed_report(tmp_path):
+    result = json.loads((run.RESULTS_DIR / "results.json").read_text())
+    assert "rms_norm" not in result and list(run.sections(result)) == ["batch_norm"]
+    run.write_markdown(result, tmp_path / "RESULTS.md",
+                       {"time vs size": "time_vs_size.png", "ratios": "ratios.png"})
+    assert (tmp_path / "RESULTS.md").read_text() == (run.RESULTS_DIR / "RESULTS.md").read_text()
+
+
+def test_rms_norm_section_has_its_own_tables(tmp_path):
+    result = json.loads((run.RESULTS_DIR / "results.json").read_text())
+    cases = [{**c, "impls": {n: c["impls"][n] for n in ("jaxbn", "autodiff")}}
+             for c in result["cases"]]
+    result["rms_norm"] = {
+        "cases": cases,
+        "summary": {d: run.summarize(cases, d) for d in result["summary"]},
+        "counts": result["counts"],
+    }
+    assert list(run.sections(result)) == ["batch_norm", "rms_norm"]
+    run.write_markdown(result, tmp_path / "RESULTS.md", {})
+    report = (tmp_path / "RESULTS.md").read_text()
+    rms = report[report.index("## RMS norm\n"):report.index("## The seed's")]
+    assert "relative to `jaxbn.rms_norm`" in rms
+    for dtype_name in result["summary"]:
+        assert f"### Summary, {dtype_name}" in rms and f"### Per shape, {dtype_name}" in rms
+    assert "| jaxbn.rms_norm (closed-form custom_vjp) | 1.00 |" in rms
+    assert "| autodiff of naive RMS norm |" in rms and "staged" not in rms
 
 
 def test_report_shows_title_note_and_notes(tmp_path):
