@@ -215,6 +215,75 @@ def multidevice_tables():
           "float64", [(k, v, RTOL64) for k, v in rows])
 
 
+def _anchors():
+    """name -> training-mode batch norm (gamma 1, beta 0) of float32 ``x``: jaxbn, Flax, PyTorch."""
+    import flax.linen as nn
+    import torch
+
+    def flax_bn(x, fast):
+        module = nn.BatchNorm(use_running_average=False, epsilon=1e-5, use_fast_variance=fast)
+        variables = module.init(jax.random.key(0), x)
+        return module.apply(variables, x, mutable=["batch_stats"])[0]
+
+    return {
+        "jaxbn (eager)": lambda x: jaxbn.batch_norm(jaxbn.init(x.shape[-1]), x),
+        "jaxbn (jit)": jax.jit(lambda x: jaxbn.batch_norm(jaxbn.init(x.shape[-1]), x)),
+        "flax.linen.BatchNorm, use_fast_variance=False (jit)": jax.jit(
+            lambda x: flax_bn(x, False)),
+        "flax.linen.BatchNorm, default (jit)": jax.jit(lambda x: flax_bn(x, True)),
+        "torch.nn.functional.batch_norm": lambda x: torch.nn.functional.batch_norm(
+            torch.tensor(np.asarray(x)), None, None, training=True, eps=1e-5).numpy(),
+    }
+
+
+def numerics_tables():
+    """Constant features and large offsets in float32: jaxbn next to Flax and PyTorch."""
+    rng = np.random.default_rng(0)
+    constants = np.concatenate([[1e6, 12345.678], rng.uniform(1e3, 1e5, 200)])
+    x_const = jnp.asarray(np.broadcast_to(constants, (1000, constants.size)), jnp.float32)
+    offsets = {m: (rng.standard_normal((1000, 64)) + m).astype(np.float32)
+               for m in (1e4, 1e6, 1e7)}
+    rows_const, rows_offset = [], []
+    for name, fn in _anchors().items():
+        y = np.abs(np.asarray(fn(x_const), np.float64))  # beta = 0: y itself is the error
+        rows_const.append((name, float(y.max()), f"{int(np.sum(y.max(0) > 0.1))}/{y.shape[1]}"))
+        errs = []
+        for x32 in offsets.values():
+            x64_ = x32.astype(np.float64)
+            want = (x64_ - x64_.mean(0)) / np.sqrt(x64_.var(0) + 1e-5)
+            errs.append(float(np.max(np.abs(np.asarray(fn(jnp.asarray(x32)), np.float64) - want))))
+        rows_offset.append((name, *errs))
+    table("float32 constant features (1e6, 12345.678, 200 from [1e3, 1e5]), N = 1000, beta = 0",
+          rows_const, header=("implementation", "max |y - beta|", "features off by > 0.1"))
+    table("float32 data of mean M, std 1, (1000, 64): max |y - y64| against float64 on the "
+          "same float32 values", rows_offset,
+          header=("implementation", "M = 1e4", "M = 1e6", "M = 1e7"))
+
+
+def rms_norm_tables():
+    """rms_norm (float64) against autodiff of the naive form and torch.nn.functional.rms_norm."""
+    import torch
+
+    shape = (6, 16)
+    x, gamma, _, dy = make_inputs(shape, -1, seed=11)
+
+    def naive(params, x):
+        return x * lax.rsqrt(jnp.mean(x * x, -1, keepdims=True) + 1e-6) * params.gamma
+
+    with x64(np.float64):
+        x_, gamma_, dy_ = as_dtype((x, gamma, dy), np.float64)
+        got = norm_vjp(jaxbn.rms_norm, x_, gamma_, None, dy_)
+        auto = norm_vjp(naive, x_, gamma_, None, dy_)
+    xt = torch.tensor(x, requires_grad=True)
+    gt = torch.tensor(gamma, requires_grad=True)
+    yt = torch.nn.functional.rms_norm(xt, (shape[-1],), gt, eps=1e-6)
+    yt.backward(torch.tensor(dy))
+    torch_result = (yt.detach().numpy(), (xt.grad.numpy(), gt.grad.numpy(), None))
+    table("rms_norm, float64, (6, 16): y, dgamma, dx",
+          [("rms_norm vs autodiff of the naive form", max_rel_err(got, auto), RTOL64),
+           ("rms_norm vs torch.nn.functional.rms_norm", max_rel_err(got, torch_result), RTOL64)])
+
+
 if __name__ == "__main__":
     print(f"jax {jax.__version__}, {jax.device_count()} devices; rel err = max|a-b| / max|b|")
     batch_norm_tables()
@@ -222,3 +291,5 @@ if __name__ == "__main__":
     family_tables()
     mask_tables()
     multidevice_tables()
+    numerics_tables()
+    rms_norm_tables()
