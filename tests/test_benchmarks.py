@@ -132,10 +132,21 @@ def test_rms_norm_inputs_have_no_beta_and_the_same_x():
 
 
 def test_old_results_without_rms_norm_render_the_committed_report(tmp_path):
-    result = json.loads((run.RESULTS_DIR / "results.json").read_text())
+    """results/before/ predates the RMS norm section: it still renders as committed."""
+    before = run.RESULTS_DIR / "before"
+    result = json.loads((before / "results.json").read_text())
     assert "rms_norm" not in result and list(run.sections(result)) == ["batch_norm"]
     run.write_markdown(result, tmp_path / "RESULTS.md",
                        {"time vs size": "time_vs_size.png", "ratios": "ratios.png"})
+    assert (tmp_path / "RESULTS.md").read_text() == (before / "RESULTS.md").read_text()
+
+
+def test_committed_results_render_the_committed_report(tmp_path):
+    result = json.loads((run.RESULTS_DIR / "results.json").read_text())
+    assert list(run.sections(result)) == ["batch_norm", "rms_norm"]
+    run.write_markdown(result, tmp_path / "RESULTS.md", {
+        "time vs size": "time_vs_size.png", "RMS norm time vs size":
+        "rms_norm_time_vs_size.png", "ratios": "ratios.png"})
     assert (tmp_path / "RESULTS.md").read_text() == (run.RESULTS_DIR / "RESULTS.md").read_text()
 
 
