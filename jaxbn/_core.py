@@ -107,15 +107,16 @@ def _candidates(
     if not split:
         return x, kept
     strides = [x.shape[i] // shards[i] if i in split else 1 for i in range(x.ndim)]
-    spec = jax.typeof(x).sharding.spec
-    whole = jax.sharding.NamedSharding(
-        jax.typeof(x).sharding.mesh,
-        jax.sharding.PartitionSpec(*(None if i in split else spec[i]
-                                     for i in range(min(len(spec), x.ndim)))))
+    spec = tuple(jax.typeof(x).sharding.spec) + (None,) * x.ndim
 
     def cut(a: Array) -> Array:
-        rows = lax.slice(a, (0,) * a.ndim, a.shape, strides)
-        return jax.sharding.reshard(rows, whole)
+        """The first row of each piece of ``a``, on every device; the other axes stay
+        split as ``x``'s (where ``a`` is as large as ``x``: a mask has size 1 there)."""
+        rows = lax.slice(a, (0,) * a.ndim, a.shape, [s if n > 1 else 1
+                                                      for s, n in zip(strides, a.shape)])
+        keep = [None if i in split or a.shape[i] != x.shape[i] else spec[i]
+                for i in range(a.ndim)]
+        return jax.sharding.reshard(rows, NamedSharding(jax.typeof(x).sharding.mesh, P(*keep)))
 
     return cut(x), None if kept is None else cut(kept)
 
@@ -194,7 +195,10 @@ def moments(
         count = jnp.maximum(kept_count, 1)
     stat_shape = tuple(1 if i in stat_axes else n for i, n in enumerate(x.shape))
     if center:
-        shift = _shift(x, stat_axes, mask, axis_name, kept_count).astype(dtype)
+        # The shift cancels out of every result, so no derivative flows through it
+        # (pmax, which picks it across devices, has none).
+        shift = _shift(lax.stop_gradient(x), stat_axes, mask, axis_name, kept_count)
+        shift = shift.astype(dtype)
         x_sum, x_sq = _converted_copies(x, 2, dtype)
         shift_sum, shift_sq = _distinct(shift, 2)
         sum_shifted = jnp.sum(_keep(mask, x_sum - shift_sum), stat_axes, keepdims=True)

@@ -27,7 +27,7 @@ from jaxbn._checks import (
     values_per_statistic,
 )
 from jaxbn._core import AxisName
-from jaxbn._params import RunningStats
+from jaxbn._params import BatchNormParams, RunningStats
 
 Array = jax.Array
 
@@ -286,6 +286,13 @@ def _split_channels(x: Array, axis: int, groups: int) -> Array:
     return jnp.reshape(x, shape, out_sharding=NamedSharding(sharding.mesh, P(*out)))
 
 
+def _replicated(param: Array) -> Array:
+    """``param`` on every device, if an Explicit mesh splits it (a no-op otherwise)."""
+    if max(_core.explicit_shards(param), default=1) == 1:
+        return param
+    return jax.sharding.reshard(param, NamedSharding(jax.typeof(param).sharding.mesh, P()))
+
+
 def _merge_channels(y: Array, like: Array, axis: int) -> Array:
     """The inverse of :func:`_split_channels`: ``y`` in ``like``'s shape and sharding."""
     if _core.explicit_shards(like)[axis] == 1:
@@ -322,6 +329,9 @@ def group_norm(
       ``y`` with ``x``'s shape, dtype (and sharding).
     """
     params, x, eps = as_params(params), check_input(x), check_eps(eps)
+    # Parameters split over devices with the channels are gathered (C values):
+    # a group may straddle two devices' channels.
+    params = BatchNormParams(*(None if p is None else _replicated(p) for p in params))
     if isinstance(axis, (tuple, list)):
         raise TypeError(f"Expected axis to be one int, the channel axis, got {axis!r}.")
     (channel_axis,) = canonicalize_axes(axis, x.ndim)

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import jax
+import jax.export  # not imported by `import jax` before jax 0.8
 import jax.numpy as jnp
 import numpy as np
 

@@ -168,3 +168,28 @@ def test_group_norm_on_channel_sharded_array(mesh_shape, groups):
                                        jax.device_put(dy, sharding))
     assert got[0].sharding.spec == sharding.spec  # the output keeps the input's sharding
     assert_trees_all_close(got, want, rtol=RTOL64)
+
+
+def test_group_norm_groups_straddling_devices_with_split_params():
+    """Channels and gamma/beta split 4 ways, 2 groups: the parameters are gathered too."""
+    mesh = jax.make_mesh((2, 4), ("n", "c"))
+    rng = np.random.default_rng(9)
+    x, dy = rng.normal(size=(2, 3, 2, 16)), rng.normal(size=(2, 3, 2, 16))
+    params = jaxbn.BatchNormParams(rng.uniform(0.5, 1.5, 16), rng.normal(size=16))
+    with x64(np.float64):
+        def value_and_grads(params, x, dy):
+            y, vjp = jax.vjp(lambda p, x: jaxbn.group_norm(p, x, 2), params, x)
+            return y, vjp(dy)
+
+        want = jax.jit(value_and_grads)(*as_jnp((params, x, dy)))
+        split = NamedSharding(mesh, P("n", None, None, "c"))
+        with jax.set_mesh(mesh):
+            got = jax.jit(value_and_grads)(
+                jax.tree.map(lambda a: jax.device_put(a, NamedSharding(mesh, P("c"))),
+                             as_jnp(params)),
+                jax.device_put(jnp.asarray(x), split), jax.device_put(jnp.asarray(dy), split))
+    assert_trees_all_close(got, want, rtol=RTOL64)
+
+
+def as_jnp(tree):
+    return jax.tree.map(jnp.asarray, tree)

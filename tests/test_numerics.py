@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import x64
+from helpers import RTOL32, assert_trees_all_close, x64
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -186,3 +186,43 @@ def test_eps_zero_constant_feature_is_nan():
     y = jaxbn.batch_norm(jaxbn.init(2), x, eps=0)
     assert np.all(np.isnan(np.asarray(y[:, 0])))
     assert np.all(np.isfinite(np.asarray(y[:, 1])))
+
+
+def test_second_order_across_a_mapped_axis():
+    """The shift has no derivative (it cancels out); grad-of-grad with axis_name works and
+    equals grad-of-grad of the whole batch (pmax, which picks the shift, has no JVP rule)."""
+    x = np.random.default_rng(5).normal(50.0, 3.0, (8, 4))
+    with x64(np.float64):
+        x = jnp.asarray(x)
+        p = jaxbn.init(4, jnp.float64)
+
+        def outer(loss):
+            return jax.grad(lambda x: jnp.sum(jax.grad(loss)(x) ** 2))(x)
+
+        def mapped(x):
+            per_row = jax.vmap(lambda xi: jaxbn.batch_norm(p, xi, axis_name="n"), axis_name="n")
+            return jnp.sum(per_row(x) ** 3)
+
+        got = outer(mapped)
+        want = outer(lambda x: jnp.sum(jaxbn.reference.batch_norm_autodiff(p, x) ** 3))
+    assert_trees_all_close(got, want, rtol=1e-10)
+
+
+def test_masked_batch_norm_with_batch_and_features_split():
+    """Explicit mesh splitting both the batch and the feature axis, with a mask."""
+    mesh = jax.make_mesh((2, 4), ("d", "m"))
+    rng = np.random.default_rng(6)
+    x, dy = rng.normal(3.0, 2.0, (16, 8)).astype(np.float32), rng.normal(size=(16, 8))
+    mask = np.arange(16) % 3 != 0
+
+    def run(x, mask, dy):
+        y, vjp = jax.vjp(lambda x: jaxbn.batch_norm(jaxbn.init(8), x, mask=mask), x)
+        return y, vjp(dy.astype(y.dtype))[0]
+
+    want = jax.jit(run)(jnp.asarray(x), jnp.asarray(mask), jnp.asarray(dy, jnp.float32))
+    split = NamedSharding(mesh, P("d", "m"))
+    with jax.set_mesh(mesh):
+        got = jax.jit(run)(jax.device_put(x, split),
+                           jax.device_put(mask, NamedSharding(mesh, P("d"))),
+                           jax.device_put(jnp.asarray(dy, jnp.float32), split))
+    assert_trees_all_close(got, want, rtol=RTOL32)
