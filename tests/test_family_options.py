@@ -118,10 +118,11 @@ def test_group_norm_unbatched_channels_first_example():
     with x64(np.float64):
         params = jaxbn.BatchNormParams(jnp.asarray(GAMMA), jnp.asarray(BETA))
         x = jnp.asarray(X4)
-        want = jaxbn.group_norm(params, x, 4)
-        one = jaxbn.group_norm(params, x[0].transpose(2, 0, 1), 4, axis=0)
-        batched = jax.vmap(lambda xi: jaxbn.group_norm(params, xi, 4, axis=0))(
-            x.transpose(0, 3, 1, 2))
+        want, one, batched = jax.jit(lambda x: (
+            jaxbn.group_norm(params, x, 4),
+            jaxbn.group_norm(params, x[0].transpose(2, 0, 1), 4, axis=0),
+            jax.vmap(lambda xi: jaxbn.group_norm(params, xi, 4, axis=0))(
+                x.transpose(0, 3, 1, 2))))(x)
     assert_trees_all_close(one.transpose(1, 2, 0), want[0], rtol=RTOL64)
     assert_trees_all_close(batched.transpose(0, 2, 3, 1), want, rtol=RTOL64)
 
@@ -131,8 +132,13 @@ def test_instance_norm_is_group_norm_with_one_channel_per_group():
     nchw = X4.transpose(0, 3, 1, 2)
     with x64(np.float64):
         params = jaxbn.BatchNormParams(jnp.asarray(GAMMA), jnp.asarray(BETA))
-        y, vjp = jax.vjp(lambda p, x: jaxbn.group_norm(p, x, 8, axis=1), params, jnp.asarray(nchw))
-        dparams, dx = vjp(jnp.asarray(DY.transpose(0, 3, 1, 2)))
+        @jax.jit
+        def value_and_grads(params, x, dy):
+            y, vjp = jax.vjp(lambda p, x: jaxbn.group_norm(p, x, 8, axis=1), params, x)
+            return y, vjp(dy)
+
+        y, (dparams, dx) = value_and_grads(params, jnp.asarray(nchw),
+                                           jnp.asarray(DY.transpose(0, 3, 1, 2)))
     xt = torch.tensor(nchw, requires_grad=True)
     gt = torch.tensor(GAMMA, requires_grad=True)
     bt = torch.tensor(BETA, requires_grad=True)
