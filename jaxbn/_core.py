@@ -18,8 +18,9 @@ The backward pass is the closed form of the CS231n derivation::
 
 substituted with :func:`jax.custom_vjp`. It saves the input ``x`` (the array
 the caller already holds, in its own dtype), the mask if any, and values per
-statistics group or feature (mean, inverse standard deviation, count, gamma,
-beta); ``xhat`` is recomputed in the backward pass inside the loops that use it.
+statistics group or feature (shift, mean, inverse standard deviation, count,
+gamma, beta); ``xhat`` is recomputed in the backward pass inside the loops that
+use it. The statistics are computed on shifted data (see :class:`Moments`).
 
 Performance (see ``benchmarks/``): batch norm is memory bound, so the cost is
 the number of times arrays of ``x``'s size are read and written. When
@@ -78,15 +79,19 @@ class Moments(NamedTuple):
     num_kept: Array  # global number of kept entries, clamped to >= 1
 
 
+def explicit_spec(x: Array) -> list[Any]:
+    """The mesh axes (or ``None``) that split each axis of ``x``, one entry per axis."""
+    spec = getattr(getattr(jax.typeof(x), "sharding", None), "spec", None) or ()
+    return list(spec) + [None] * (x.ndim - len(spec))
+
+
 def explicit_shards(x: Array) -> tuple[int, ...]:
     """How many pieces each axis of ``x`` is split into by an Explicit mesh (1: not split)."""
-    sharding = getattr(jax.typeof(x), "sharding", None)
-    spec, mesh = getattr(sharding, "spec", None), getattr(sharding, "mesh", None)
-    if spec is None or mesh is None:
+    mesh = getattr(getattr(jax.typeof(x), "sharding", None), "mesh", None)
+    if mesh is None:
         return (1,) * x.ndim
     counts = []
-    for i in range(x.ndim):
-        names = spec[i] if i < len(spec) else None
+    for names in explicit_spec(x):
         names = () if names is None else names if isinstance(names, tuple) else (names,)
         counts.append(math.prod(mesh.shape[n] for n in names))
     return tuple(counts)
@@ -107,7 +112,7 @@ def _candidates(
     if not split:
         return x, kept
     strides = [x.shape[i] // shards[i] if i in split else 1 for i in range(x.ndim)]
-    spec = tuple(jax.typeof(x).sharding.spec) + (None,) * x.ndim
+    spec = explicit_spec(x)
 
     def cut(a: Array) -> Array:
         """The first row of each piece of ``a``, on every device; the other axes stay
@@ -121,17 +126,16 @@ def _candidates(
     return cut(x), None if kept is None else cut(kept)
 
 
-def _sample(x: Array, stat_axes: tuple[int, ...], mask: Array | None) -> Array:
+def _sample(x: Array, stat_axes: tuple[int, ...], kept: Array | None) -> Array:
     """``x`` at its first kept position along ``stat_axes`` (size 1 there).
 
-    ``x`` is zero where masked, so with nothing kept the sample is 0. The mask
-    is taken to be constant over the other axes (size 1 there), as batch
-    norm's is; otherwise the first position kept in any group is used. On an
-    array split by an Explicit mesh, the first kept row among the first rows
-    of the pieces is used (:func:`_candidates`).
+    ``kept`` is the mask broadcast to ``x``'s shape on ``stat_axes`` (``None``:
+    every entry counts). ``x`` is zero where masked, so with nothing kept the
+    sample is 0. The mask is taken to be constant over the other axes (size 1
+    there), as batch norm's is; otherwise the first position kept in any
+    group is used. On an array split by an Explicit mesh, the first kept row
+    among the first rows of the pieces is used (:func:`_candidates`).
     """
-    kept = None if mask is None else jnp.broadcast_to(
-        mask, _masked_shape(x.shape, stat_axes, mask.shape))
     x, kept = _candidates(x, kept, stat_axes)
     starts: list[Any] = [0] * x.ndim
     if kept is not None:
@@ -142,7 +146,7 @@ def _sample(x: Array, stat_axes: tuple[int, ...], mask: Array | None) -> Array:
 
 
 def _shift(
-    x: Array, stat_axes: tuple[int, ...], mask: Array | None, axis_name: AxisName,
+    x: Array, stat_axes: tuple[int, ...], kept: Array | None, axis_name: AxisName,
     kept_count: Array,
 ) -> Array:
     """The shift of :class:`Moments`: a sample of ``x``, the same on every device.
@@ -152,13 +156,13 @@ def _shift(
     of devices without a kept entry; with no kept entry anywhere
     (``kept_count`` 0) the shift is 0.
     """
-    sample = _sample(x, stat_axes, mask)
+    sample = _sample(x, stat_axes, kept)
     if axis_name is None:
         return sample
-    if mask is None:
+    if kept is None:
         return lax.pmax(sample, axis_name)
     lowest = jnp.asarray(-jnp.inf, sample.dtype)
-    shift = lax.pmax(jnp.where(jnp.any(mask), sample, lowest), axis_name)
+    shift = lax.pmax(jnp.where(jnp.any(kept), sample, lowest), axis_name)
     return jnp.where(kept_count > 0, shift, 0)
 
 
@@ -187,6 +191,7 @@ def moments(
     """
     dtype = compute_dtype(x.dtype)
     if mask is None:
+        kept = None
         local_count = math.prod(x.shape[a] for a in stat_axes)
         count = kept_count = jnp.full((1,) * x.ndim, _psum(local_count, axis_name), dtype)
     else:
@@ -197,13 +202,13 @@ def moments(
     if center:
         # The shift cancels out of every result, so no derivative flows through it
         # (pmax, which picks it across devices, has none).
-        shift = _shift(lax.stop_gradient(x), stat_axes, mask, axis_name, kept_count)
+        shift = _shift(lax.stop_gradient(x), stat_axes, kept, axis_name, kept_count)
         shift = shift.astype(dtype)
         x_sum, x_sq = _converted_copies(x, 2, dtype)
         shift_sum, shift_sq = _distinct(shift, 2)
-        sum_shifted = jnp.sum(_keep(mask, x_sum - shift_sum), stat_axes, keepdims=True)
+        sum_shifted = jnp.sum(zero_masked(x_sum - shift_sum, mask), stat_axes, keepdims=True)
         mean = _psum(sum_shifted, axis_name) / count
-        centered = _keep(mask, x_sq - shift_sq - mean)
+        centered = zero_masked(x_sq - shift_sq - mean, mask)
     else:
         shift = mean = jnp.zeros(stat_shape, dtype)
         centered = x.astype(dtype)
@@ -299,12 +304,7 @@ def _normalize_fwd(
     y = _centered(clean.astype(dtype), shift, mean, center) * scale
     if beta is not None:
         y = y + beta.astype(dtype)
-    return _keep(mask, y).astype(x.dtype), (x, stats, inv_std, gamma, beta, mask)
-
-
-def _keep(mask: Array | None, value: Array) -> Array:
-    """``value`` with masked-out entries set to 0 (``value`` itself without a mask)."""
-    return value if mask is None else jnp.where(mask, value, 0)
+    return zero_masked(y, mask).astype(x.dtype), (x, stats, inv_std, gamma, beta, mask)
 
 
 def _batch_norm_bwd(
@@ -333,9 +333,9 @@ def _batch_norm_bwd(
     (dy_sum, dy_dot, dy_dx, x_dot, x_dx, shift_dot, shift_dx, mean_dot,
      mean_dx) = lax.optimization_barrier(
         (dy, dy, dy, x, x, stats.shift, stats.shift, stats.mean, stats.mean))
-    dy_sum, dy_dot, dy_dx = (_keep(mask, d.astype(dtype)) for d in (dy_sum, dy_dot, dy_dx))
+    dy_sum, dy_dot, dy_dx = (zero_masked(d.astype(dtype), mask) for d in (dy_sum, dy_dot, dy_dx))
     # Masked entries may hold inf/NaN padding: zero them after centering.
-    centered = _keep(mask, _centered(x_dot.astype(dtype), shift_dot, mean_dot, center))
+    centered = zero_masked(_centered(x_dot.astype(dtype), shift_dot, mean_dot, center), mask)
     sum_dy = jnp.sum(dy_sum, stat_axes, keepdims=True)
     sum_dy_xhat = jnp.sum(dy_dot * centered, stat_axes, keepdims=True) * inv_std
     global_dy, global_dy_xhat = _psum((sum_dy, sum_dy_xhat), axis_name)
@@ -368,9 +368,9 @@ def _general_bwd(
     # A fresh handle on the saved values, so XLA does not merge this pass's
     # centering with the forward pass's (see _distinct).
     dy, x, shift, mean = lax.optimization_barrier((dy, x, stats.shift, stats.mean))
-    dy = _keep(mask, dy.astype(dtype))
+    dy = zero_masked(dy.astype(dtype), mask)
     # Masked entries may hold inf/NaN padding: zero them after centering.
-    xhat = _keep(mask, _centered(x.astype(dtype), shift, mean, center)) * inv_std
+    xhat = zero_masked(_centered(x.astype(dtype), shift, mean, center), mask) * inv_std
     dxhat = dy if gamma is None else dy * gamma.astype(dtype)
     count = stats.num_kept
     sum_dxhat_xhat = _psum(jnp.sum(dxhat * xhat, stat_axes, keepdims=True), axis_name)
@@ -394,7 +394,7 @@ def _normalize_bwd(
     backward = _batch_norm_bwd if constant_params else _general_bwd
     dx, dgamma, dbeta = backward(
         x, dy, stats, inv_std, gamma, mask, stat_axes, axis_name, center)
-    dx = _keep(mask, dx).astype(x.dtype)
+    dx = zero_masked(dx, mask).astype(x.dtype)
     return dx, _cotangent(dgamma, gamma), _cotangent(dbeta, beta), None
 
 

@@ -278,7 +278,7 @@ def _split_channels(x: Array, axis: int, groups: int) -> Array:
     if pieces == 1:
         return x.reshape(shape)
     sharding = jax.typeof(x).sharding
-    spec = list(sharding.spec) + [None] * (x.ndim - len(sharding.spec))
+    spec = _core.explicit_spec(x)
     if groups % pieces:
         spec[axis] = None
         x = jax.sharding.reshard(x, NamedSharding(sharding.mesh, P(*spec)))
@@ -298,7 +298,7 @@ def _merge_channels(y: Array, like: Array, axis: int) -> Array:
     if _core.explicit_shards(like)[axis] == 1:
         return y.reshape(like.shape)
     sharding = jax.typeof(like).sharding
-    spec = list(jax.typeof(y).sharding.spec) + [None] * (y.ndim - len(jax.typeof(y).sharding.spec))
+    spec = _core.explicit_spec(y)
     merged = spec[:axis] + [spec[axis]] + spec[axis + 2:]
     y = jnp.reshape(y, like.shape, out_sharding=NamedSharding(sharding.mesh, P(*merged)))
     return jax.sharding.reshard(y, sharding)
