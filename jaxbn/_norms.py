@@ -27,7 +27,7 @@ from jaxbn._checks import (
     values_per_statistic,
 )
 from jaxbn._core import AxisName
-from jaxbn._params import BatchNormParams, RunningStats
+from jaxbn._params import RunningStats
 
 Array = jax.Array
 
@@ -329,9 +329,6 @@ def group_norm(
       ``y`` with ``x``'s shape, dtype (and sharding).
     """
     params, x, eps = as_params(params), check_input(x), check_eps(eps)
-    # Parameters split over devices with the channels are gathered (C values):
-    # a group may straddle two devices' channels.
-    params = BatchNormParams(*(None if p is None else _replicated(p) for p in params))
     if isinstance(axis, (tuple, list)):
         raise TypeError(f"Expected axis to be one int, the channel axis, got {axis!r}.")
     (channel_axis,) = canonicalize_axes(axis, x.ndim)
@@ -343,8 +340,11 @@ def group_norm(
     num_groups = check_num_groups(num_groups, channels)
     param_shape = (1,) * channel_axis + (num_groups, channels // num_groups) + (1,) * (
         x.ndim - channel_axis - 1)
-    gamma, beta = per_feature(
-        params, ("gamma", "beta"), x, (channel_axis,), param_shape, "params")
+    # Parameters split over devices with the channels are gathered (C values):
+    # a group may straddle two devices' channels.
+    gamma, beta = (None if p is None else _replicated(p).reshape(param_shape)
+                   for p in per_feature(params, ("gamma", "beta"), x, (channel_axis,),
+                                        (channels,), "params"))
     grouped = _split_channels(x, channel_axis, num_groups)
     batch_axes = () if channel_axis == 0 else (0,)
     stat_axes = tuple(i for i in range(grouped.ndim) if i != channel_axis and i not in batch_axes)

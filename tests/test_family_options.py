@@ -199,3 +199,10 @@ def test_group_norm_groups_straddling_devices_with_split_params():
 
 def as_jnp(tree):
     return jax.tree.map(jnp.asarray, tree)
+
+
+def test_group_norm_takes_params_as_lists_like_every_norm():
+    x = jnp.asarray(X4, jnp.float32)
+    got = jaxbn.group_norm({"gamma": GAMMA.tolist(), "beta": None}, x, 4)
+    want = jaxbn.group_norm({"gamma": jnp.asarray(GAMMA, jnp.float32), "beta": None}, x, 4)
+    np.testing.assert_array_equal(got, want)
