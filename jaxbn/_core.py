@@ -213,8 +213,8 @@ def moments(
         shift = mean = jnp.zeros(stat_shape, dtype)
         centered = x.astype(dtype)
     sum_sq = _psum(jnp.sum(centered * centered, stat_axes, keepdims=True), axis_name)
-    # Centered sums cannot go negative, but clamp anyway against round-off.
-    return Moments(shift, mean, jnp.maximum(sum_sq / count, 0), count)
+    # A sum of squares cannot round below zero: no clamp needed.
+    return Moments(shift, mean, sum_sq / count, count)
 
 
 def _masked_shape(
@@ -275,14 +275,30 @@ def _normalize(
 
 
 Residuals = tuple[Array, Moments, Array, Array | None, Array | None, Array | None]
-# (x, moments, inv_std, gamma, beta, mask): x, gamma, beta and mask as given;
-# moments and inv_std per statistics group, in x's rank (size 1 on stat_axes).
+# (x, moments, std, gamma, beta, mask): x, gamma, beta and mask as given;
+# moments and std per statistics group, in x's rank (size 1 on stat_axes).
 
 
-def _inv_std(var: Array, eps: float) -> Array:
-    """``1 / sqrt(var + eps)``, NaN where the variance overflowed (never a silent 0)."""
-    inv_std = lax.rsqrt(var + jnp.asarray(eps, var.dtype))
-    return jnp.where(jnp.isinf(var), jnp.nan, inv_std)
+def _std(var: Array, eps: float) -> Array:
+    """``sqrt(var + eps)``, NaN where the variance overflowed (never a silent 0 for ``1/std``).
+
+    Every coefficient applied to elements of ``x`` is computed from it once per
+    statistics group and ends in a division: XLA counts a division as expensive
+    and computes it before the loop over ``x``, where a cheap chain (``rsqrt``,
+    the overflow ``select``, products with ``gamma``) would be fused into that
+    loop and recomputed for every element.
+    """
+    std = jnp.sqrt(var + jnp.asarray(eps, var.dtype))
+    return jnp.where(jnp.isinf(var), jnp.nan, std)
+
+
+def _over_std(gamma: Array | None, std: Array) -> Array:
+    """``gamma / std`` (``1 / std`` without gamma), one division per statistics group
+    where ``gamma`` is per group (batch norm), else ``gamma * (1 / std)``."""
+    if gamma is None:
+        return 1 / std
+    gamma = gamma.astype(std.dtype)
+    return gamma / std if gamma.shape == std.shape else gamma * (1 / std)
 
 
 def _centered(x: Array, shift: Array, mean: Array, center: bool) -> Array:
@@ -297,18 +313,17 @@ def _normalize_fwd(
     dtype = compute_dtype(x.dtype)
     clean = zero_masked(x, mask)
     stats = moments(clean, stat_axes, mask, axis_name, center=center)
-    inv_std = _inv_std(stats.var, eps)
-    # Per statistics group: one multiply per element.
-    scale = inv_std if gamma is None else inv_std * gamma.astype(dtype)
+    std = _std(stats.var, eps)
+    scale = _over_std(gamma, std)
     shift, mean = _distinct((stats.shift, stats.mean))
     y = _centered(clean.astype(dtype), shift, mean, center) * scale
     if beta is not None:
         y = y + beta.astype(dtype)
-    return zero_masked(y, mask).astype(x.dtype), (x, stats, inv_std, gamma, beta, mask)
+    return zero_masked(y, mask).astype(x.dtype), (x, stats, std, gamma, beta, mask)
 
 
 def _batch_norm_bwd(
-    x: Array, dy: Array, stats: Moments, inv_std: Array, gamma: Array | None,
+    x: Array, dy: Array, stats: Moments, std: Array, gamma: Array | None,
     mask: Array | None, stat_axes: tuple[int, ...], axis_name: AxisName, center: bool,
 ) -> tuple[Array, Array, Array]:
     """Backward pass when ``gamma`` is constant over the statistics (batch norm).
@@ -337,19 +352,21 @@ def _batch_norm_bwd(
     # Masked entries may hold inf/NaN padding: zero them after centering.
     centered = zero_masked(_centered(x_dot.astype(dtype), shift_dot, mean_dot, center), mask)
     sum_dy = jnp.sum(dy_sum, stat_axes, keepdims=True)
-    sum_dy_xhat = jnp.sum(dy_dot * centered, stat_axes, keepdims=True) * inv_std
+    sum_dy_xhat = jnp.sum(dy_dot * centered, stat_axes, keepdims=True) / std
     global_dy, global_dy_xhat = _psum((sum_dy, sum_dy_xhat), axis_name)
-    scale = inv_std if gamma is None else gamma.astype(dtype) * inv_std
+    # dx = a * dy - b * (x - shift - mean) - c, each coefficient one division per
+    # feature (see _std): a = gamma / std, b = a * s2 / (N * std), c = a * s1 / N.
+    g = jnp.ones((), dtype) if gamma is None else gamma.astype(dtype)
     count = stats.num_kept
-    dy_term = scale * (dy_dx - global_dy / count) if center else scale * dy_dx
-    dx = dy_term - _centered(x_dx.astype(dtype), shift_dx, mean_dx, center) * (
-        scale * inv_std * global_dy_xhat / count
-    )
+    centered_dx = _centered(x_dx.astype(dtype), shift_dx, mean_dx, center)
+    dx = _over_std(gamma, std) * dy_dx - centered_dx * (g * global_dy_xhat / (count * std * std))
+    if center:
+        dx = dx - g * global_dy / (count * std)
     return dx, sum_dy_xhat, sum_dy
 
 
 def _general_bwd(
-    x: Array, dy: Array, stats: Moments, inv_std: Array, gamma: Array | None,
+    x: Array, dy: Array, stats: Moments, std: Array, gamma: Array | None,
     mask: Array | None, stat_axes: tuple[int, ...], axis_name: AxisName, center: bool,
 ) -> tuple[Array, Array, Array]:
     """Backward pass when ``gamma`` varies over the statistics (layer and group norm).
@@ -368,6 +385,7 @@ def _general_bwd(
     # A fresh handle on the saved values, so XLA does not merge this pass's
     # centering with the forward pass's (see _distinct).
     dy, x, shift, mean = lax.optimization_barrier((dy, x, stats.shift, stats.mean))
+    inv_std = 1 / std
     dy = zero_masked(dy.astype(dtype), mask)
     # Masked entries may hold inf/NaN padding: zero them after centering.
     xhat = zero_masked(_centered(x.astype(dtype), shift, mean, center), mask) * inv_std
@@ -387,13 +405,13 @@ def _normalize_bwd(
     residuals: Residuals, dy: Array,
 ) -> tuple[Array, Array | None, Array | None, None]:
     del eps
-    x, stats, inv_std, gamma, beta, mask = residuals
+    x, stats, std, gamma, beta, mask = residuals
     x = zero_masked(x, mask)
     constant_params = all(p is None or all(p.shape[a] == 1 for a in stat_axes)
                           for p in (gamma, beta))
     backward = _batch_norm_bwd if constant_params else _general_bwd
     dx, dgamma, dbeta = backward(
-        x, dy, stats, inv_std, gamma, mask, stat_axes, axis_name, center)
+        x, dy, stats, std, gamma, mask, stat_axes, axis_name, center)
     dx = zero_masked(dx, mask).astype(x.dtype)
     return dx, _cotangent(dgamma, gamma), _cotangent(dbeta, beta), None
 
