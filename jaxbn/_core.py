@@ -205,16 +205,34 @@ def moments(
         shift = _shift(lax.stop_gradient(x), stat_axes, kept, axis_name, kept_count)
         shift = shift.astype(dtype)
         x_sum, x_sq = _converted_copies(x, 2, dtype)
-        shift_sum, shift_sq = _distinct(shift, 2)
-        sum_shifted = jnp.sum(zero_masked(x_sum - shift_sum, mask), stat_axes, keepdims=True)
+        sum_shifted = jnp.sum(zero_masked(x_sum - shift, mask), stat_axes, keepdims=True)
         mean = _psum(sum_shifted, axis_name) / count
-        centered = zero_masked(x_sq - shift_sq - mean, mask)
+        rounded, error = _rounded_mean(shift, mean)
+        sum_sq = _psum(jnp.sum(jnp.square(zero_masked(x_sq - rounded, mask)), stat_axes,
+                               keepdims=True), axis_name)
+        # The mean square about the rounded mean, less the square of its distance
+        # to the exact one. A data set whose mean lies ``error`` from a
+        # representable number has a variance of at least ``error ** 2``, so this
+        # loses at most about one bit; the clamp only guards round-off.
+        var = jnp.maximum(sum_sq / count - error * error, 0)
     else:
         shift = mean = jnp.zeros(stat_shape, dtype)
-        centered = x.astype(dtype)
-    sum_sq = _psum(jnp.sum(centered * centered, stat_axes, keepdims=True), axis_name)
-    # A sum of squares cannot round below zero: no clamp needed.
-    return Moments(shift, mean, sum_sq / count, count)
+        var = _psum(jnp.sum(jnp.square(x.astype(dtype)), stat_axes, keepdims=True),
+                    axis_name) / count
+    return Moments(shift, mean, var, count)
+
+
+def _rounded_mean(shift: Array, mean: Array) -> tuple[Array, Array]:
+    """``shift + mean`` rounded to the working precision, and what the rounding lost.
+
+    The reductions subtract the one rounded value (one operation per element)
+    instead of ``shift`` and then ``mean``, and correct their sums for the
+    error afterwards, per feature: XLA:CPU's reductions pay for every
+    elementwise operation fused into them. ``shift - rounded`` is exact when the
+    offset dominates the spread (Sterbenz), so the error is exact then too.
+    """
+    rounded = shift + mean
+    return rounded, (shift - rounded) + mean
 
 
 def _masked_shape(
@@ -349,10 +367,17 @@ def _batch_norm_bwd(
      mean_dx) = lax.optimization_barrier(
         (dy, dy, dy, x, x, stats.shift, stats.shift, stats.mean, stats.mean))
     dy_sum, dy_dot, dy_dx = (zero_masked(d.astype(dtype), mask) for d in (dy_sum, dy_dot, dy_dx))
-    # Masked entries may hold inf/NaN padding: zero them after centering.
-    centered = zero_masked(_centered(x_dot.astype(dtype), shift_dot, mean_dot, center), mask)
     sum_dy = jnp.sum(dy_sum, stat_axes, keepdims=True)
-    sum_dy_xhat = jnp.sum(dy_dot * centered, stat_axes, keepdims=True) / std
+    x_dot = x_dot.astype(dtype)
+    if center:
+        # sum(dy * (x - shift - mean)) = sum(dy * (x - rounded)) - error * sum(dy).
+        rounded, error = _rounded_mean(shift_dot, mean_dot)
+        x_dot = x_dot - rounded
+    # Masked entries may hold inf/NaN padding: zero them after centering.
+    sum_dy_centered = jnp.sum(dy_dot * zero_masked(x_dot, mask), stat_axes, keepdims=True)
+    if center:
+        sum_dy_centered = sum_dy_centered - error * sum_dy
+    sum_dy_xhat = sum_dy_centered / std
     global_dy, global_dy_xhat = _psum((sum_dy, sum_dy_xhat), axis_name)
     # dx = a * dy - b * (x - shift - mean) - c, each coefficient one division per
     # feature (see _std): a = gamma / std, b = a * s2 / (N * std), c = a * s1 / N.
