@@ -238,9 +238,11 @@ class BatchNorm(eqx.nn.StatefulLayer):
             x = x.astype(_promoted(x.dtype, hidden_mean.dtype, hidden_var.dtype, *affine))
             params = {"gamma": self.weight, "beta": self.bias}
             if inference:
-                # Equinox's zero-debiasing, expression for expression.
-                scale = jnp.where(counter == 0, 1, 1 - self.momentum**counter)
-                stats = {"mean": hidden_mean / scale, "var": hidden_var / scale}
+                # Equinox's zero-debiasing, expression for expression, with its
+                # (standard) promotion of the integer counter, also under strict promotion.
+                with jax.numpy_dtype_promotion("standard"):
+                    scale = jnp.where(counter == 0, 1, 1 - self.momentum**counter)
+                    stats = {"mean": hidden_mean / scale, "var": hidden_var / scale}
                 out = batch_norm_eval(params, stats, x, axis=0, eps=self.eps)
             else:
                 out, new = batch_norm_train(
