@@ -103,8 +103,8 @@ class BatchNorm(eqx.nn.StatefulLayer):
     What differs from Equinox: the statistics are shifted two-pass ones and the
     backward pass is the closed form
     ``dx = inv_std / N * (N dxhat - sum(dxhat) - xhat sum(dxhat xhat))`` (the
-    sums all-reduced over `axis_name`), not autodiff of the forward pass: equal
-    results to round-off, fewer passes over ``x`` and less memory. A training
+    sums all-reduced over `axis_name`), not autodiff of the forward pass; the
+    results are equal to round-off (1e-10 relative in the float64 tests). A training
     batch with a single value per channel (batch of one, no spatial
     dimensions) is an error rather than an output of all ``bias``.
     `mode="ema"`, and Equinox's default `mode="legacy"` (which means "ema"),

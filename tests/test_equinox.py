@@ -181,6 +181,7 @@ def test_batch_norm_mixed_dtypes_follow_equinox():
     assert_trees_all_close(got, want, rtol=2**-6)
 
 
+@pytest.mark.slow  # several seconds of compiling on a 2-core CPU
 def test_batch_norm_data_parallel_vmap_inside_shard_map():
     """4 devices x vmap over 2 examples each, axis_name=("dev", "batch"): equal to Equinox
     doing the same, and to the single-device vmap over the whole batch of 8."""
@@ -387,6 +388,7 @@ def _infer(net, state, x):
     return jax.vmap(eqx.nn.inference_mode(net), **BATCHED)(x, state)[0]
 
 
+@pytest.mark.slow  # several seconds of compiling on a 2-core CPU
 def test_model_trains_identically_under_filter_jit():
     """Four optax SGD-momentum steps: the same losses, parameters, state and inference
     outputs as the model built with eqx.nn's modules."""
@@ -406,6 +408,7 @@ def test_model_trains_identically_under_filter_jit():
         assert float(got[0][-1]) < float(got[0][0])  # it did train
 
 
+@pytest.mark.slow  # trains and compiles both models
 @pytest.mark.parametrize("direction", [("equinox", "jaxbn"), ("jaxbn", "equinox")])
 def test_checkpoints_swap(direction):
     """tree_serialise_leaves of a trained model + state built with one framework's modules
