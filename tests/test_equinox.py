@@ -114,8 +114,14 @@ BN_CASES = {  # per-example shape (channels first), channelwise_affine
 }
 
 
-@pytest.mark.parametrize("dtype", [np.float64, np.float32])
-@pytest.mark.parametrize("case", list(BN_CASES))
+def _cases(cases, float32_ids):
+    """Every case in float64, and the ``float32_ids`` ones in float32 too (a looser check of
+    the same logic; one per layout keeps the fast suite fast)."""
+    return ([pytest.param(c, np.float64, id=f"{c}-float64") for c in cases]
+            + [pytest.param(c, np.float32, id=f"{c}-float32") for c in float32_ids])
+
+
+@pytest.mark.parametrize(("case", "dtype"), _cases(BN_CASES, ["NCHW"]))
 def test_batch_norm_train_steps_state_inference_and_grads(case, dtype):
     """Three training steps (outputs, state after each, gradients), then inference with
     the zero-debiased statistics, against eqx.nn.BatchNorm(mode="batch")."""
@@ -266,8 +272,8 @@ def _per_example_pair(case, dtype):
             for name, nn in FRAMEWORKS.items()}
 
 
-@pytest.mark.parametrize("dtype", [np.float64, np.float32])
-@pytest.mark.parametrize("case", list(PER_EXAMPLE))
+@pytest.mark.parametrize(("case", "dtype"), _cases(
+    PER_EXAMPLE, ["LayerNorm-TD-no-bias", "GroupNorm-CHW", "RMSNorm-TD-weight-only"]))
 def test_per_example_norms_outputs_and_grads(case, dtype):
     """Outputs and gradients (input, weight, bias) under vmap, equal to Equinox's."""
     shape = PER_EXAMPLE[case][3]
