@@ -145,13 +145,17 @@ def test_per_example_norms_match_flax(name, shape, kw):
         assert_trees_all_close(_vjp(b, vb, x, dy, None), _vjp(a, va, x, dy, None), RTOL64)
 
 
+# Three cases in the fast suite, the rest marked slow.
 DTYPE_CASES = {
     "float32": (jnp.float32, None, jnp.float32, False),
     "bfloat16-in": (jnp.bfloat16, None, jnp.float32, False),
-    "bfloat16-dtype": (jnp.bfloat16, jnp.bfloat16, jnp.float32, False),
-    "bfloat16-params": (jnp.bfloat16, None, jnp.bfloat16, False),
+    "bfloat16-dtype": pytest.param(jnp.bfloat16, jnp.bfloat16, jnp.float32, False,
+                                   marks=pytest.mark.slow),
+    "bfloat16-params": pytest.param(jnp.bfloat16, None, jnp.bfloat16, False,
+                                   marks=pytest.mark.slow),
     "float64-in": (jnp.float64, None, jnp.float32, True),
-    "float32-in-float64-dtype": (jnp.float32, jnp.float64, jnp.float32, True),
+    "float32-in-float64-dtype": pytest.param(jnp.float32, jnp.float64, jnp.float32, True,
+                                             marks=pytest.mark.slow),
 }
 MODULES = {"BatchNorm": {}, "LayerNorm": {}, "RMSNorm": {}, "GroupNorm": {"num_groups": 2}}
 
@@ -243,6 +247,7 @@ def trained():
         return _train(nn), _train(jlinen)
 
 
+@pytest.mark.slow
 def test_small_model_trains_as_with_flax(trained):
     """apply with mutable batch_stats + optax sgd with momentum: same losses and variables."""
     (_, va, la), (_, vb, lb) = trained
@@ -251,6 +256,7 @@ def test_small_model_trains_as_with_flax(trained):
     _check_same_layout(vb, va)
 
 
+@pytest.mark.slow
 def test_variables_swap_both_ways(trained):
     """Variables trained with Flax's modules apply in jaxbn's model, and the reverse."""
     (ma, va, _), (mb, vb, _) = trained

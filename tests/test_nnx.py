@@ -170,12 +170,14 @@ def test_per_example_norms_match_flax(name, shape, features, kw):
         assert_trees_all_close(_vjp_step(b, x, dy), _vjp_step(a, x, dy), RTOL64)
 
 
+# Three cases in the fast suite, the rest marked slow.
 DTYPE_CASES = {
     "float32": (jnp.float32, None, False),
     "bfloat16-in": (jnp.bfloat16, None, False),
-    "bfloat16-dtype": (jnp.bfloat16, jnp.bfloat16, False),
+    "bfloat16-dtype": pytest.param(jnp.bfloat16, jnp.bfloat16, False, marks=pytest.mark.slow),
     "float64-in": (jnp.float64, None, True),
-    "float32-in-float64-dtype": (jnp.float32, jnp.float64, True),
+    "float32-in-float64-dtype": pytest.param(jnp.float32, jnp.float64, True,
+                                             marks=pytest.mark.slow),
 }
 MODULES = {"BatchNorm": (4,), "LayerNorm": (4,), "RMSNorm": (4,), "GroupNorm": (4, 2)}
 
@@ -312,30 +314,45 @@ def _train(norms, steps=4):
     return model, losses
 
 
-def test_small_model_trains_as_with_flax():
+@pytest.fixture(scope="module")
+def trained():
+    """The MLP trained with Flax's BatchNorm and with jaxbn's, float64: (model, losses)."""
+    with _float64():
+        with _flax_quiet():
+            flax_run = _train(nnx)
+        return flax_run, _train(jnnx)
+
+
+@pytest.mark.slow
+def test_small_model_trains_as_with_flax(trained):
     """nnx.jit + nnx.Optimizer(sgd with momentum): same losses, parameters and statistics."""
-    with _float64():
-        with _flax_quiet():
-            ma, la = _train(nnx)
-        mb, lb = _train(jnnx)
-        assert_trees_all_close(lb, la, RTOL64)
-        assert_trees_all_close(nnx.state(mb), nnx.state(ma), RTOL64)
+    (ma, la), (mb, lb) = trained
+    assert_trees_all_close(lb, la, RTOL64)
+    assert_trees_all_close(nnx.state(mb), nnx.state(ma), RTOL64)
+    _check_state(ma, mb)
 
 
-def test_checkpoints_swap_both_ways():
+@pytest.mark.slow
+def test_checkpoints_swap_both_ways(trained):
     """The state of a model built with Flax's modules loads into jaxbn's, and back."""
+    (ma, _), (mb, _) = trained
     with _float64():
-        with _flax_quiet():
-            trained_flax, _ = _train(nnx, steps=2)
-        trained_jaxbn, _ = _train(jnnx, steps=2)
         x = _x(50, (5, 4))
-        for source, target in [(trained_flax, _MLP(jnnx, nnx.Rngs(1))),
-                               (trained_jaxbn, _MLP(nnx, nnx.Rngs(1)))]:
+        # (module built with Flax's norms, with jaxbn's), the state loaded into the second
+        # from the first, then into the first from the second
+        for flax_m, jaxbn_m, load_into_jaxbn in [(nnx.clone(ma), _MLP(jnnx, nnx.Rngs(1)), True),
+                                                 (_MLP(nnx, nnx.Rngs(1)), nnx.clone(mb), False)]:
+            source, target = (flax_m, jaxbn_m) if load_into_jaxbn else (jaxbn_m, flax_m)
             nnx.update(target, nnx.state(source))
-            source.eval()
-            target.eval()
-            assert_trees_all_close(target(x), source(x), RTOL64)
             assert_trees_all_close(nnx.state(target), nnx.state(source), 0.0)
+            for mode in ("eval", "train"):
+                getattr(flax_m, mode)()
+                getattr(jaxbn_m, mode)()
+                with _flax_quiet():
+                    want = flax_m(x)
+                got = jaxbn_m(x)
+                assert_trees_all_close((got, nnx.state(jaxbn_m)), (want, nnx.state(flax_m)),
+                                       RTOL64, err_msg=mode)
 
 
 ERRORS = [
