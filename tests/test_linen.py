@@ -10,6 +10,8 @@ mixes float32 variables with float64 input; the suite is strict otherwise).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import inspect
 import functools
 import pathlib
 import subprocess
@@ -81,6 +83,18 @@ def _check_same_layout(got, want):
     assert jax.tree.structure(got) == jax.tree.structure(want)
     for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
         assert (g.shape, g.dtype) == (w.shape, w.dtype)
+
+
+@pytest.mark.parametrize("name", ["BatchNorm", "LayerNorm", "RMSNorm", "GroupNorm"])
+def test_fields_and_call_signatures_are_flaxs(name):
+    want = {f.name: f.default for f in dataclasses.fields(getattr(nn, name))}
+    got = {f.name: f.default for f in dataclasses.fields(getattr(jlinen, name))}
+    assert list(got) == list(want)
+    assert all(got[k] is want[k] or got[k] == want[k] for k in want)
+    want = inspect.signature(getattr(nn, name).__call__).parameters
+    got = inspect.signature(getattr(jlinen, name).__call__).parameters
+    assert [(p.name, p.kind, p.default) for p in got.values()] == [
+        (p.name, p.kind, p.default) for p in want.values()]
 
 
 BN_CASES = {

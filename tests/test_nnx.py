@@ -12,6 +12,7 @@ and only that warning of Flax's module is silenced (:func:`_flax_quiet`).
 from __future__ import annotations
 
 import contextlib
+import inspect
 import pathlib
 import subprocess
 import sys
@@ -108,6 +109,25 @@ class _Masked(nnx.Module):
 
     def __call__(self, x):
         return self.bn(x, mask=self.mask[...])
+
+
+def _same_default(a, b):
+    """Equal defaults; initializers (new closures per call in Flax) by their values."""
+    if a is b or not callable(a):
+        return a == b
+    key = jax.random.key(0)
+    return np.array_equal(a(key, (3,), jnp.float32), b(key, (3,), jnp.float32))
+
+
+@pytest.mark.parametrize("name", ["BatchNorm", "LayerNorm", "RMSNorm", "GroupNorm"])
+def test_signatures_are_flaxs(name):
+    for method in ("__init__", "__call__"):
+        want = inspect.signature(getattr(getattr(nnx, name), method)).parameters
+        got = inspect.signature(getattr(getattr(jnnx, name), method)).parameters
+        assert list(got) == list(want)
+        for p in want:
+            assert got[p].kind == want[p].kind, (method, p)
+            assert _same_default(got[p].default, want[p].default), (method, p)
 
 
 BN_CASES = {
