@@ -102,6 +102,7 @@ BN_CASES = {
     "NHWC-no-scale": ((4, 3, 3, 5), {"use_scale": False}, None),
     "NCHW-axis1-no-bias": ((4, 5, 3, 3), {"axis": 1, "use_bias": False}, None),
     "ND-mask": ((8, 5), {}, (8, 1)),
+    "NHWC-mask-NHW1": pytest.param((4, 3, 3, 5), {}, (4, 3, 3, 1), marks=pytest.mark.slow),
 }
 
 
