@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import inspect
 import functools
+import inspect
 import pathlib
 import subprocess
 import sys
