@@ -89,6 +89,19 @@ class BatchNorm(nn.Module):
     broadcastable to ``x`` with size 1 on the feature axis; masked-out entries
     are left out of the statistics and are normalized with the kept entries'
     statistics, as in Flax.
+
+    Example usage::
+
+      >>> import jax, jax.numpy as jnp
+      >>> from jaxbn import linen as jlinen
+      >>> bn = jlinen.BatchNorm(momentum=0.9)
+      >>> x = jax.random.normal(jax.random.key(0), (5, 6))
+      >>> variables = bn.init(jax.random.key(1), x[:1], use_running_average=False)
+      >>> jax.tree.map(jnp.shape, variables)
+      {'batch_stats': {'mean': (6,), 'var': (6,)}, 'params': {'bias': (6,), 'scale': (6,)}}
+      >>> y, updates = bn.apply(variables, x, use_running_average=False,
+      ...                       mutable=["batch_stats"])
+      >>> y = bn.apply({**variables, **updates}, x, use_running_average=True)
     """
 
     use_running_average: bool | None = None

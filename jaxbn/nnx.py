@@ -110,6 +110,20 @@ class BatchNorm(nnx.Module):
     broadcastable to ``x`` with size 1 on the feature axis; masked-out entries
     are left out of the statistics and are normalized with the kept entries'
     statistics, as in Flax.
+
+    Example usage::
+
+      >>> from flax import nnx
+      >>> import jax, jax.numpy as jnp
+      >>> from jaxbn import nnx as jnnx
+      >>> x = jax.random.normal(jax.random.key(0), (5, 6))
+      >>> layer = jnnx.BatchNorm(num_features=6, momentum=0.9, rngs=nnx.Rngs(0))
+      >>> sorted(nnx.state(layer).keys())
+      ['bias', 'mean', 'scale', 'var']
+      >>> y = layer(x)  # training mode: batch statistics, running ones updated
+      >>> layer.eval()
+      >>> y = layer(x)  # running statistics
+      >>> y = nnx.view(layer, use_running_average=False)(x)  # a training view
     """
 
     def __init__(

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import doctest
 import functools
 import inspect
 import pathlib
@@ -320,6 +321,11 @@ def test_unsupported_call_arguments_raise():
         bn.apply(variables, x, mask=jnp.ones((4, 3, 4), bool), mutable=["batch_stats"])
     with pytest.raises(ValueError, match="use_running_average"):  # Flax's merge_param error
         bn.apply(variables, x, use_running_average=True)
+
+
+def test_docstring_examples_run():
+    failed, attempted = doctest.testmod(jlinen, raise_on_error=False, report=True)
+    assert attempted > 0 and failed == 0
 
 
 @pytest.mark.slow

@@ -12,6 +12,7 @@ and only that warning of Flax's module is silenced (:func:`_flax_quiet`).
 from __future__ import annotations
 
 import contextlib
+import doctest
 import inspect
 import pathlib
 import subprocess
@@ -408,6 +409,11 @@ def test_unsupported_call_arguments_raise():
     gn = jnnx.GroupNorm(4, num_groups=2, reduction_axes=(-1,), rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match=r"reduction_axes=\(-1,\) is not supported"):
         gn(x)
+
+
+def test_docstring_examples_run():
+    failed, attempted = doctest.testmod(jnnx, raise_on_error=False, report=True)
+    assert attempted > 0 and failed == 0
 
 
 @pytest.mark.slow
