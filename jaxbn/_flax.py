@@ -17,7 +17,14 @@ import jax.numpy as jnp
 
 from jaxbn._checks import as_stats, canonicalize_axes
 from jaxbn._core import AxisName, compute_dtype
-from jaxbn._norms import batch_norm_eval, batch_norm_train, group_norm, layer_norm, rms_norm
+from jaxbn._norms import (
+    batch_norm,
+    batch_norm_eval,
+    batch_norm_train,
+    group_norm,
+    layer_norm,
+    rms_norm,
+)
 
 Array = jax.Array
 Axes = int | Sequence[int]
@@ -150,8 +157,7 @@ def batch_norm_train_step(
                "a mask without axis_name (Flax averages the devices' masked means with "
                "equal weights, whatever their counts)")
     mask = _flax_mask(mask, x, axes, module)
-    y_kept, _ = batch_norm_train(params, zero, x, momentum=0.0, axis=axes, eps=epsilon,
-                                 mask=mask)
+    y_kept = batch_norm(params, x, axis=axes, eps=epsilon, mask=mask)
     mean, var = _masked_moments(x.astype(stat_dtype), mask, axes)
     y_out = batch_norm_eval(params, {"mean": mean, "var": var}, x, axis=axes, eps=epsilon)
     return jnp.where(mask, y_kept, y_out), mean, var
