@@ -71,6 +71,24 @@ def _with_state(out: Array, state: State) -> Array | tuple[Array, State]:
     return out if state is _NO_STATE else (out, state)
 
 
+def _per_example(norm: Any, name: str, layer: Any, x: Array) -> Array:
+    """``norm`` (layer_norm or rms_norm) of one example over all its axes, as
+    Equinox's LayerNorm/RMSNorm: computed in ``x``'s dtype promoted with float32,
+    returned in ``x``'s dtype. ``layer`` has ``shape``, ``weight``, ``bias``, ``eps``."""
+    if x.shape != layer.shape:
+        raise ValueError(
+            f"`{name}(shape)(x)` must satisfy the invariant `shape == x.shape`. "
+            f"Received `shape={layer.shape}` and `x.shape={x.shape}`. You might need "
+            f"to replace `{norm.__name__}(x)` with `jax.vmap({norm.__name__})(x)`."
+        )
+    with jax.named_scope(f"jaxbn.equinox.{name}"):
+        dtype = _promoted(x.dtype, jnp.float32)
+        params = {"gamma": None if layer.weight is None else layer.weight.astype(dtype),
+                  "beta": None if layer.bias is None else layer.bias.astype(dtype)}
+        out = norm(params, x.astype(dtype), axis=tuple(range(x.ndim)), eps=layer.eps)
+    return out.astype(x.dtype)
+
+
 class BatchNorm(eqx.nn.StatefulLayer):
     r"""Computes a mean and variance over the batch and spatial dimensions of an
     array, and uses these to normalise the whole array. Optionally applies a
@@ -341,18 +359,7 @@ class LayerNorm(eqx.Module):
         returned.
         """
         del key
-        if x.shape != self.shape:
-            raise ValueError(
-                "`LayerNorm(shape)(x)` must satisfy the invariant `shape == x.shape`. "
-                f"Received `shape={self.shape}` and `x.shape={x.shape}`. You might need "
-                "to replace `layer_norm(x)` with `jax.vmap(layer_norm)(x)`."
-            )
-        with jax.named_scope("jaxbn.equinox.LayerNorm"):
-            dtype = _promoted(x.dtype, jnp.float32)
-            params = {"gamma": None if self.weight is None else self.weight.astype(dtype),
-                      "beta": None if self.bias is None else self.bias.astype(dtype)}
-            out = layer_norm(params, x.astype(dtype), axis=tuple(range(x.ndim)), eps=self.eps)
-        return _with_state(out.astype(x.dtype), state)
+        return _with_state(_per_example(layer_norm, "LayerNorm", self, x), state)
 
 
 class GroupNorm(eqx.Module):
@@ -520,15 +527,4 @@ class RMSNorm(eqx.Module):
         returned.
         """
         del key
-        if x.shape != self.shape:
-            raise ValueError(
-                "`RMSNorm(shape)(x)` must satisfy the invariant `shape == x.shape`. "
-                f"Received `shape={self.shape}` and `x.shape={x.shape}`. You might need "
-                "to replace `rms_norm(x)` with `jax.vmap(rms_norm)(x)`."
-            )
-        with jax.named_scope("jaxbn.equinox.RMSNorm"):
-            dtype = _promoted(x.dtype, jnp.float32)
-            params = {"gamma": None if self.weight is None else self.weight.astype(dtype),
-                      "beta": None if self.bias is None else self.bias.astype(dtype)}
-            out = rms_norm(params, x.astype(dtype), axis=tuple(range(x.ndim)), eps=self.eps)
-        return _with_state(out.astype(x.dtype), state)
+        return _with_state(_per_example(rms_norm, "RMSNorm", self, x), state)
