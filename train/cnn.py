@@ -129,7 +129,7 @@ class CNN:
     def apply(self, params, stats, x: jax.Array, *, train: bool):
         """Logits and the new running statistics; ``train=False`` normalizes with the
         running statistics and returns ``stats`` unchanged."""
-        model = nnx.merge(_graphdef(self), params, stats)
+        model = nnx.merge(_graphdef(self), params, stats, copy=True)  # fresh Variables
         logits = model(x, train=train)
         return logits, (nnx.state(model, nnx.BatchStat) if train else stats)
 
