@@ -40,6 +40,13 @@ def test_digits_as_images(digits):
     np.testing.assert_array_equal(digits.x_train[:, 2, 5, 0], flat.x_train[:, 8 * 2 + 5])
 
 
+def test_cifar_pickles_as_images():
+    chw = np.arange(2 * 3 * 32 * 32, dtype=np.float32).reshape(2, 3, 32, 32)
+    flat = chw.reshape(2, -1)  # a CIFAR-10 pickle row: the red plane, green, blue
+    ds = data.as_images(data.Dataset(flat, np.zeros(2), flat, np.zeros(2), "cifar10", 10))
+    np.testing.assert_array_equal(ds.x_test, chw.transpose(0, 2, 3, 1))
+
+
 def test_cli_knows_the_cnn_norms():
     assert set(cli.CNN_NORM_HELP) == set(NORMS)
 

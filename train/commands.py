@@ -63,9 +63,9 @@ def remove_stale_results(out: str) -> None:
 def cmd_train(args: argparse.Namespace) -> int:
     ds = load_data(args)
     cfg = config_from_args(args)
-    model = f"MLP {ds.x_train.shape[1]}-{'-'.join(map(str, cfg.hidden))}-{ds.num_classes}"
-    return train_and_report(args, cfg, ds, describe=f"{ds.x_train.shape[1]} features), {model}",
-                            title=f"MLP {'-'.join(map(str, cfg.hidden))}")
+    sizes = (ds.x_train.shape[1], *cfg.hidden, ds.num_classes)
+    return train_and_report(args, cfg, ds, inputs=f"{ds.x_train.shape[1]} features",
+                            model=f"MLP {'-'.join(map(str, sizes))}")
 
 
 def cmd_cnn(args: argparse.Namespace) -> int:
@@ -76,22 +76,23 @@ def cmd_cnn(args: argparse.Namespace) -> int:
                          "pip install -e '.[train,flax]'") from None
     ds = data.as_images(load_data(args))
     cfg = config_from_args(args)
-    model = (f"CNN widths {'-'.join(map(str, cfg.widths))}, {cfg.blocks} residual block(s) "
-             "per stage")
-    return train_and_report(args, cfg, ds, describe=f"{'x'.join(map(str, ds.x_train.shape[1:]))}"
-                            f" images), {model}", title=model)
+    return train_and_report(args, cfg, ds,
+                            inputs=f"{'x'.join(map(str, ds.x_train.shape[1:]))} images",
+                            model=f"CNN widths {'-'.join(map(str, cfg.widths))}, "
+                                  f"{cfg.blocks} residual block(s) per stage")
 
 
 def train_and_report(args: argparse.Namespace, cfg: loop.TrainConfig, ds: data.Dataset, *,
-                     describe: str, title: str) -> int:
-    """Trains ``cfg`` (printing ``describe``, the data shape and the model); writes the final
-    state, metrics.json and curves.png (titled ``title``) into ``--out``."""
+                     inputs: str, model: str) -> int:
+    """Trains ``cfg`` on ``ds``; prints the settings (``inputs``: what one example is;
+    ``model``: the network) and each epoch; writes the final state, metrics.json and
+    curves.png into ``--out``."""
     t0 = time.perf_counter()
     if not loop.is_main_process():  # multi-host: every process trains, process 0 reports
         loop.run(cfg, ds)
         return 0
     print(f"{args.command}: {ds.name} ({len(ds.y_train)} train / {len(ds.y_test)} test, "
-          f"{describe}, norm={cfg.norm}, {cfg.optimizer} lr={cfg.lr}, batch {cfg.batch_size}, "
+          f"{inputs}), {model}, norm={cfg.norm}, {cfg.optimizer} lr={cfg.lr}, batch {cfg.batch_size}, "
           f"{cfg.epochs} epochs, seed {cfg.seed}, devices {cfg.devices} -> {cfg.out}",
           flush=True)
     res = loop.run(cfg, ds)
@@ -119,7 +120,7 @@ def train_and_report(args: argparse.Namespace, cfg: loop.TrainConfig, ds: data.D
     }
     report(args, metrics, lambda out: plots.training_curves(
         hist, os.path.join(out, "curves.png"),
-        title=f"{ds.name}: {title}, norm={cfg.norm}, "
+        title=f"{ds.name}: {model}, norm={cfg.norm}, "
               f"test acc {100 * metrics['test_accuracy']:.2f}%"),
         headline=f"test accuracy {100 * metrics['test_accuracy']:.2f}%  ")
     return 0
