@@ -92,9 +92,9 @@ def train_and_report(args: argparse.Namespace, cfg: loop.TrainConfig, ds: data.D
         loop.run(cfg, ds)
         return 0
     print(f"{args.command}: {ds.name} ({len(ds.y_train)} train / {len(ds.y_test)} test, "
-          f"{inputs}), {model}, norm={cfg.norm}, {cfg.optimizer} lr={cfg.lr}, batch {cfg.batch_size}, "
-          f"{cfg.epochs} epochs, seed {cfg.seed}, devices {cfg.devices} -> {cfg.out}",
-          flush=True)
+          f"{inputs}), {model}, norm={cfg.norm}, {cfg.optimizer} lr={cfg.lr}, "
+          f"batch {cfg.batch_size}, {cfg.epochs} epochs, seed {cfg.seed}, "
+          f"devices {cfg.devices} -> {cfg.out}", flush=True)
     res = loop.run(cfg, ds)
     os.makedirs(cfg.out, exist_ok=True)
     loop.save_final_state(os.path.join(cfg.out, loop.FINAL_STATE_NAME), res.state)

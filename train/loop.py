@@ -68,8 +68,9 @@ class TrainConfig:
     quiet: bool = False
 
     # settings that must match for --resume to continue a checkpoint
-    RESUME_KEYS = ("dataset", "model", "hidden", "widths", "blocks", "norm", "batch_size", "lr", "optimizer", "bn_momentum",
-                   "seed", "split_seed", "init_scale", "train_subset", "test_subset")
+    RESUME_KEYS = ("dataset", "model", "hidden", "widths", "blocks", "norm", "batch_size", "lr",
+                   "optimizer", "bn_momentum", "seed", "split_seed", "init_scale", "train_subset",
+                   "test_subset")
 
     def settings(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
