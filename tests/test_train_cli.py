@@ -300,7 +300,7 @@ def test_train_mode_accuracy_counts_every_example(n, batch):
         np.asarray(apply(params, stats, x[rows], norm="jaxbn", train=True)[0]).argmax(-1)[keep]
         for rows, keep in groups])
     assert preds.shape == (n,)
-    acc = loop.train_mode_accuracy(params, stats, x, preds, norm="jaxbn", batch_size=batch)
+    acc = loop.train_mode_accuracy(params, stats, x, preds, net="jaxbn", batch_size=batch)
     assert acc == 1.0
     wrong = (preds + 1) % 3  # every label wrong: each example must be counted once
-    assert loop.train_mode_accuracy(params, stats, x, wrong, norm="jaxbn", batch_size=batch) == 0
+    assert loop.train_mode_accuracy(params, stats, x, wrong, net="jaxbn", batch_size=batch) == 0

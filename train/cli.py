@@ -3,6 +3,7 @@
 Commands (bare ``python -m train`` is ``train``):
 
 * ``train``       train the MLP once; metrics.json, curves.png, checkpoints.
+* ``cnn``         the same for a small ResNet-style CNN (Flax NNX, jaxbn's or Flax's BatchNorm).
 * ``compare``     the same run with the three batch-norm gradients (jaxbn, autodiff, staged).
 * ``init-scale``  CS231n: deep net, weight-init scale sweep, with vs without batch norm.
 * ``batch-size``  batch-size sweep; train-mode vs eval-mode (running stats) accuracy.
@@ -24,12 +25,20 @@ import sys
 from benchmarks.common import checked_number, nonnegative_int, positive_float, positive_int
 from train import commands, experiments, loop
 from train.data import DATASETS, DataError
-from train.model import NORM_HELP, NORMS
+from train.model import NORM_HELP
+
+CNN_NORM_HELP = {  # the names of train.cnn.NORMS (not imported here: it needs flax)
+    "jaxbn": "jaxbn.nnx.BatchNorm (the default)",
+    "flax": "flax.nnx.BatchNorm: the identical model and initialization",
+    "none": "no normalization (convolutions with biases)",
+}
 
 PROG = "python -m train"
 
 COMMANDS = {
     "train": "train the MLP once (the default command)",
+    "cnn": "train a small ResNet-style CNN (Flax NNX) on the digits as 8x8x1 images, with "
+           "jaxbn's BatchNorm or, for comparison, Flax's",
     "compare": "train the same net from the same seed with the jaxbn, autodiff and staged "
                "batch-norm gradients; compare parameters, losses and step times",
     "init-scale": "CS231n experiment: 5 hidden layers of 100, sweep the weight-init scale, "
@@ -43,6 +52,8 @@ examples:
   python -m train                                # default: digits, 64-256-256-10, 20 epochs
   python -m train --norm none --epochs 30 --out runs/nobn
   python -m train --out runs/a; python -m train --resume --out runs/a   # after Ctrl-C
+  python -m train cnn                            # ResNet-style CNN, jaxbn.nnx.BatchNorm
+  python -m train cnn --norm flax --out runs/cnn-flax   # the same model, flax.nnx.BatchNorm
   python -m train compare
   python -m train init-scale
   python -m train batch-size
@@ -70,8 +81,8 @@ def _devices(s: str) -> int | str:
             f"expected a positive integer or 'all', got {s!r}") from None
 
 
-def _common(p: argparse.ArgumentParser, *, command: str, epochs: int, hidden: list[int],
-            norm: bool = True):
+def _common(p: argparse.ArgumentParser, *, command: str, epochs: int,
+            hidden: list[int] | None, norms: dict[str, str] | None = NORM_HELP):
     g = p.add_argument_group("data")
     g.add_argument("--dataset", choices=DATASETS, default="digits",
                    help="digits: sklearn's bundled UCI digits (default); cifar10: the python "
@@ -86,12 +97,13 @@ def _common(p: argparse.ArgumentParser, *, command: str, epochs: int, hidden: li
     g.add_argument("--test-subset", type=positive_int, default=None,
                    help="use only N test examples (quick runs)")
     g = p.add_argument_group("model and optimization")
-    if norm:
-        g.add_argument("--norm", choices=NORMS, default="jaxbn",
+    if norms:
+        g.add_argument("--norm", choices=list(norms), default="jaxbn",
                        help="batch-norm implementation: "
-                            + "; ".join(f"{k}: {v}" for k, v in NORM_HELP.items()))
-    g.add_argument("--hidden", type=positive_int, nargs="+", default=hidden,
-                   help=f"hidden layer widths (default {' '.join(map(str, hidden))})")
+                            + "; ".join(f"{k}: {v}" for k, v in norms.items()))
+    if hidden:
+        g.add_argument("--hidden", type=positive_int, nargs="+", default=hidden,
+                       help=f"hidden layer widths (default {' '.join(map(str, hidden))})")
     g.add_argument("--epochs", type=positive_int, default=epochs,
                    help=f"epochs (default {epochs})")
     g.add_argument("--batch-size", type=positive_int, default=64,
@@ -131,6 +143,20 @@ def _command(sub, name: str, **common) -> argparse.ArgumentParser:
     return p
 
 
+def _checkpoints(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("checkpoints")
+    g.add_argument("--checkpoint-every", type=nonnegative_int, default=1, metavar="K",
+                   help="save --out/checkpoint.npz every K EPOCHS (params, running stats, "
+                        "optimizer state, step, data-order state), atomically; 0 = only on "
+                        "Ctrl-C. Default 1")
+    g.add_argument("--resume", action="store_true",
+                   help="continue from --out/checkpoint.npz (same settings; --epochs may grow); "
+                        "starts from scratch if there is none")
+
+
+CNN_EPOCHS, CNN_WIDTHS, CNN_BLOCKS = 15, [16, 32, 64], 1
+
+
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
     """The top-level parser and each command's parser."""
     parser = argparse.ArgumentParser(
@@ -143,29 +169,31 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     sub = parser.add_subparsers(dest="command", metavar="COMMAND",
                                 title="commands (default: train)")
     p = _command(sub, "train", epochs=20, hidden=[256, 256])
-    g = p.add_argument_group("checkpoints")
-    g.add_argument("--checkpoint-every", type=nonnegative_int, default=1, metavar="K",
-                   help="save --out/checkpoint.npz every K EPOCHS (params, running stats, "
-                        "optimizer state, step, data-order state), atomically; 0 = only on "
-                        "Ctrl-C. Default 1")
-    g.add_argument("--resume", action="store_true",
-                   help="continue from --out/checkpoint.npz (same settings; --epochs may grow); "
-                        "starts from scratch if there is none")
+    _checkpoints(p)
     p.add_argument("--init-scale", type=positive_float, default=None,
                    help="std of a plain normal weight init (default: He init)")
 
-    p = _command(sub, "compare", epochs=10, hidden=[256, 256], norm=False)
+    p = _command(sub, "cnn", epochs=CNN_EPOCHS, hidden=None, norms=CNN_NORM_HELP)
+    g = p.add_argument_group("CNN architecture")
+    g.add_argument("--widths", type=positive_int, nargs="+", default=CNN_WIDTHS,
+                   help="channels of each stage; every stage after the first halves the "
+                        f"resolution (default {' '.join(map(str, CNN_WIDTHS))})")
+    g.add_argument("--blocks", type=positive_int, default=CNN_BLOCKS,
+                   help=f"basic residual blocks per stage (default {CNN_BLOCKS})")
+    _checkpoints(p)
+
+    p = _command(sub, "compare", epochs=10, hidden=[256, 256], norms=None)
     p.add_argument("--timing-steps", type=positive_int, default=200,
                    help="timed steps per implementation, in 3 rounds that each start "
                         "with 5 warm-up steps (default 200)")
     p.add_argument("--timing-batch-size", type=positive_int, default=None,
                    help="batch size of the timed steps (default: --batch-size)")
 
-    p = _command(sub, "init-scale", epochs=10, hidden=[100] * 5, norm=False)
+    p = _command(sub, "init-scale", epochs=10, hidden=[100] * 5, norms=None)
     p.add_argument("--scales", type=positive_float, nargs="+", default=None,
                    help="init scales (default: 10 points log-spaced over 1e-4..1e1)")
 
-    p = _command(sub, "batch-size", epochs=10, hidden=[256, 256], norm=False)
+    p = _command(sub, "batch-size", epochs=10, hidden=[256, 256], norms=None)
     p.add_argument("--batch-sizes", type=positive_int, nargs="+",
                    default=[4, 8, 16, 32, 64, 128, 256, 512],
                    help="batch sizes (default 4 8 16 32 64 128 256 512)")
@@ -200,6 +228,7 @@ def resume_command(argv: list[str]) -> str:
 
 COMMAND_FUNCTIONS = {
     "train": commands.cmd_train,
+    "cnn": commands.cmd_cnn,
     "compare": experiments.cmd_compare,
     "init-scale": experiments.cmd_init_scale,
     "batch-size": experiments.cmd_batch_size,

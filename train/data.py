@@ -1,7 +1,7 @@
 """Datasets as plain numpy arrays: UCI digits (bundled with scikit-learn) and CIFAR-10.
 
 Inputs are flattened to ``(N, D)`` float32 and standardized with statistics of
-the training split only; labels are int32.
+the training split only (:func:`as_images` gives NHWC images); labels are int32.
 """
 
 from __future__ import annotations
@@ -144,6 +144,22 @@ def subset(ds: Dataset, *, train: int | None = None, test: int | None = None,
     x_train, y_train = take(ds.x_train, ds.y_train, train)
     x_test, y_test = take(ds.x_test, ds.y_test, test)
     return ds._replace(x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test)
+
+
+# (H, W, C) of each data set's images, and the order of its flattened pixels
+IMAGE_SHAPES = {"digits": ((8, 8, 1), "hwc"), "cifar10": ((32, 32, 3), "chw")}
+
+
+def as_images(ds: Dataset) -> Dataset:
+    """``ds`` with its flattened inputs reshaped to NHWC images ``(N, H, W, C)``
+    (CIFAR-10's pickles store the channels first)."""
+    (h, w, c), order = IMAGE_SHAPES[ds.name]
+
+    def f(x):
+        return (x.reshape(-1, h, w, c) if order == "hwc"
+                else x.reshape(-1, c, h, w).transpose(0, 2, 3, 1))
+
+    return ds._replace(x_train=f(ds.x_train), x_test=f(ds.x_test))
 
 
 def load(name: str, *, data_dir: str | None = None, split_seed: int = 0) -> Dataset:

@@ -117,7 +117,7 @@ def cmd_compare(args) -> int:
     xb, yb = jnp.asarray(ds.x_train[idx]), jnp.asarray(ds.y_train[idx])
     grads = {}
     for n in COMPARE_NORMS:
-        g = jax.jit(jax.grad(lambda p, n=n: loop.loss_fn(p, state0.stats, xb, yb, norm=n,
+        g = jax.jit(jax.grad(lambda p, n=n: loop.loss_fn(p, state0.stats, xb, yb, net=n,
                                                          momentum=cfg0.bn_momentum)[0]))
         grads[n] = g(state0.params)
 
@@ -320,7 +320,7 @@ def cmd_batch_size(args) -> int:
             h = res.history[-1]
             rows["test_accuracy_eval"].append(h["test_accuracy"])
             rows["test_accuracy_train_mode"].append(loop.train_mode_accuracy(
-                res.state.params, res.state.stats, ds.x_test, ds.y_test, norm="jaxbn",
+                res.state.params, res.state.stats, ds.x_test, ds.y_test, net="jaxbn",
                 batch_size=b))
             rows["train_accuracy_eval"].append(h["train_accuracy"])
             rows["final_loss"].append(h["train_loss"])

@@ -2,7 +2,9 @@
 
 The whole train step (forward, loss, gradient, optax update, running-stat
 update) is one :func:`jax.jit`. State is a :class:`TrainState` pytree; nothing
-is hidden in objects.
+is hidden in objects. The network is the MLP of :mod:`train.model` or the CNN of
+:mod:`train.cnn` (``TrainConfig.model``); both are pure ``apply(params, stats, x)``
+functions to the loop (see :func:`network`).
 
 Determinism: parameters come from ``jax.random.key(seed)`` and the data order
 of epoch ``e`` is :func:`train.data.epoch_order` ``(seed, e)``, so a run is a
@@ -29,7 +31,7 @@ import optax
 
 from train import _io, progress
 from train.data import Dataset, epoch_order
-from train.model import MLPParams, MLPStats, apply, init_mlp
+from train.model import apply, init_mlp
 
 Array = jax.Array
 
@@ -44,7 +46,10 @@ class TrainConfig:
 
     dataset: str = "digits"
     data_dir: str | None = None
-    hidden: tuple[int, ...] = (256, 256)
+    model: str = "mlp"  # "mlp" or "cnn"
+    hidden: tuple[int, ...] = (256, 256)  # mlp: hidden layer widths; () for the cnn
+    widths: tuple[int, ...] = ()  # cnn: channels of each stage; () for the mlp
+    blocks: int = 0  # cnn: residual blocks per stage; 0 for the mlp
     norm: str = "jaxbn"
     epochs: int = 20
     batch_size: int = 64
@@ -63,18 +68,18 @@ class TrainConfig:
     quiet: bool = False
 
     # settings that must match for --resume to continue a checkpoint
-    RESUME_KEYS = ("dataset", "hidden", "norm", "batch_size", "lr", "optimizer", "bn_momentum",
+    RESUME_KEYS = ("dataset", "model", "hidden", "widths", "blocks", "norm", "batch_size", "lr", "optimizer", "bn_momentum",
                    "seed", "split_seed", "init_scale", "train_subset", "test_subset")
 
     def settings(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
-        d["hidden"] = list(self.hidden)
+        d["hidden"], d["widths"] = list(self.hidden), list(self.widths)
         return d
 
 
 class TrainState(NamedTuple):
-    params: MLPParams
-    stats: MLPStats
+    params: Any  # MLPParams, or the CNN's nnx.Param state
+    stats: Any  # MLPStats, or the CNN's nnx.BatchStat state
     opt_state: Any  # optax state of the optimizer, a pytree of arrays
     step: Array  # () int32, optimizer steps taken
 
@@ -112,16 +117,37 @@ def make_optimizer(name: str, lr: float) -> optax.GradientTransformation:
     raise ValueError(f"Unknown optimizer {name!r}; expected one of {OPTIMIZERS}.")
 
 
-def loss_fn(params, stats, x, y, *, norm, momentum):
-    logits, new_stats = apply(params, stats, x, norm=norm, train=True, momentum=momentum)
+def network(cfg: TrainConfig, ds: Dataset):
+    """The network ``net`` that the functions below take: the MLP's norm name (a str), or
+    a :class:`train.cnn.CNN` for ``model="cnn"`` (images ``(N, H, W, C)``). Hashable, so
+    the jitted functions are cached on it."""
+    if cfg.model == "mlp":
+        return cfg.norm
+    if cfg.model == "cnn":
+        from train.cnn import CNN
+
+        return CNN(ds.x_train.shape[-1], ds.num_classes, widths=cfg.widths, blocks=cfg.blocks,
+                   norm=cfg.norm, momentum=cfg.bn_momentum)
+    raise ValueError(f"Unknown model {cfg.model!r}; expected 'mlp' or 'cnn'.")
+
+
+def apply_net(net, params, stats, x, *, train: bool, momentum: float = 0.9):
+    """``(logits, new_stats)`` of :func:`network` ``net`` (the CNN has its momentum)."""
+    if isinstance(net, str):
+        return apply(params, stats, x, norm=net, train=train, momentum=momentum)
+    return net.apply(params, stats, x, train=train)
+
+
+def loss_fn(params, stats, x, y, *, net, momentum):
+    logits, new_stats = apply_net(net, params, stats, x, train=True, momentum=momentum)
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
     return loss, new_stats
 
 
-def train_step(state: TrainState, x: Array, y: Array, *, norm: str, optimizer, momentum: float):
+def train_step(state: TrainState, x: Array, y: Array, *, net, optimizer, momentum: float):
     """One optimizer step; returns ``(new_state, loss)``. Pure; jitted by :func:`step_fn`."""
     (loss, new_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state.params, state.stats, x, y, norm=norm, momentum=momentum
+        state.params, state.stats, x, y, net=net, momentum=momentum
     )
     # optax's Adam bias correction mixes a Python float with its int32 step count,
     # which fails under jax_numpy_dtype_promotion="strict" (set by some test suites).
@@ -181,14 +207,14 @@ def is_main_process() -> bool:
 
 
 @functools.lru_cache(maxsize=64)
-def step_fn(norm: str, optimizer: str, lr: float, momentum: float, devices: int = 1):
+def step_fn(net, optimizer: str, lr: float, momentum: float, devices: int = 1):
     """The jitted train step (cached, so sweeps over seeds/scales compile once).
 
     With ``devices > 1`` the batch is split over a ``'batch'`` mesh axis and
     the state is replicated; XLA inserts the all-reduces, so batch-norm
     statistics and gradients are those of the whole global batch.
     """
-    f = functools.partial(train_step, norm=norm, optimizer=make_optimizer(optimizer, lr),
+    f = functools.partial(train_step, net=net, optimizer=make_optimizer(optimizer, lr),
                           momentum=momentum)
     if devices == 1:
         return jax.jit(f)
@@ -197,26 +223,26 @@ def step_fn(norm: str, optimizer: str, lr: float, momentum: float, devices: int 
 
 
 @functools.lru_cache(maxsize=16)
-def predict_fn(norm: str):
+def predict_fn(net):
     """Jitted eval-mode logits: batch norm with the running statistics."""
-    return jax.jit(lambda params, stats, x: apply(params, stats, x, norm=norm, train=False)[0])
+    return jax.jit(lambda params, stats, x: apply_net(net, params, stats, x, train=False)[0])
 
 
 @functools.lru_cache(maxsize=64)
-def predict_train_mode_fn(norm: str, batch_size: int):
+def predict_train_mode_fn(net, batch_size: int):
     """Jitted train-mode logits: each chunk of ``batch_size`` rows uses its own batch statistics.
 
-    Takes ``x`` of shape ``(chunks, batch_size, D)``; the chunks are ``vmap``-ed,
+    Takes ``x`` of shape ``(chunks, batch_size, ...)``; the chunks are ``vmap``-ed,
     so statistics are per chunk, as during training.
     """
     def f(params, stats, x):
-        return jax.vmap(lambda xb: apply(params, stats, xb, norm=norm, train=True)[0])(x)
+        return jax.vmap(lambda xb: apply_net(net, params, stats, xb, train=True)[0])(x)
 
     return jax.jit(f)
 
 
-def accuracy(params, stats, x, y, *, norm: str, chunk: int = 4096) -> float:
-    predict = predict_fn(norm)
+def accuracy(params, stats, x, y, *, net, chunk: int = 4096) -> float:
+    predict = predict_fn(net)
     correct = 0
     for i in range(0, len(y), chunk):
         logits = predict(params, stats, x[i:i + chunk])
@@ -224,7 +250,7 @@ def accuracy(params, stats, x, y, *, norm: str, chunk: int = 4096) -> float:
     return correct / max(len(y), 1)
 
 
-def train_mode_accuracy(params, stats, x, y, *, norm: str, batch_size: int) -> float:
+def train_mode_accuracy(params, stats, x, y, *, net, batch_size: int) -> float:
     """Accuracy when test batches of ``batch_size`` are normalized with their own statistics.
 
     Every example is counted: the test set is cut into batches of
@@ -237,22 +263,25 @@ def train_mode_accuracy(params, stats, x, y, *, norm: str, batch_size: int) -> f
     full = (n // b) * b
     preds = []
     if full:
-        logits = predict_train_mode_fn(norm, b)(params, stats, x[:full].reshape(-1, b, x.shape[-1]))
+        logits = predict_train_mode_fn(net, b)(params, stats, x[:full].reshape(-1, b, *x.shape[1:]))
         preds.append(np.asarray(jnp.argmax(logits, -1)).reshape(-1))
     r = n - full
     if r >= 2:
-        logits = predict_train_mode_fn(norm, r)(params, stats, x[None, full:])
+        logits = predict_train_mode_fn(net, r)(params, stats, x[None, full:])
         preds.append(np.asarray(jnp.argmax(logits, -1)).reshape(-1))
     elif r == 1:
-        logits = predict_train_mode_fn(norm, b)(params, stats, x[None, n - b:])
+        logits = predict_train_mode_fn(net, b)(params, stats, x[None, n - b:])
         preds.append(np.asarray(jnp.argmax(logits, -1)).reshape(-1)[-1:])
     return float(np.mean(np.concatenate(preds) == y))
 
 
 def init_state(cfg: TrainConfig, ds: Dataset) -> TrainState:
-    sizes = (ds.x_train.shape[1], *cfg.hidden, ds.num_classes)
-    params, stats = init_mlp(jax.random.key(cfg.seed), sizes, norm=cfg.norm,
-                             init_scale=cfg.init_scale)
+    key = jax.random.key(cfg.seed)
+    if cfg.model == "mlp":
+        sizes = (ds.x_train.shape[1], *cfg.hidden, ds.num_classes)
+        params, stats = init_mlp(key, sizes, norm=cfg.norm, init_scale=cfg.init_scale)
+    else:
+        params, stats = network(cfg, ds).init(key)
     opt_state = make_optimizer(cfg.optimizer, cfg.lr).init(params)
     return TrainState(params, stats, opt_state, jnp.zeros((), jnp.int32))
 
@@ -284,7 +313,7 @@ def load_checkpoint(path: str, template: TrainState, cfg: TrainConfig):
     with np.load(path, allow_pickle=False) as z:
         meta = json.loads(str(z["meta"]))
         leaves = [z[f"leaf_{i:05d}"] for i in range(sum(k.startswith("leaf_") for k in z.files))]
-    saved = meta["settings"]
+    saved = {**TrainConfig().settings(), **meta["settings"]}  # older files lack new fields
     now = cfg.settings()
     diff = {k: (saved.get(k), now[k]) for k in TrainConfig.RESUME_KEYS if saved.get(k) != now[k]}
     if diff:
@@ -322,7 +351,8 @@ def run(cfg: TrainConfig, ds: Dataset, *, verbose: bool = True,
     state = init_state(cfg, ds) if init is None else init
     state, start, history = _resume(cfg, state, ckpt, verbose=verbose)
     saved = start or None  # epoch of the checkpoint on disk that belongs to this run, if any
-    step = step_fn(cfg.norm, cfg.optimizer, cfg.lr, cfg.bn_momentum, cfg.devices)
+    net = network(cfg, ds)
+    step = step_fn(net, cfg.optimizer, cfg.lr, cfg.bn_momentum, cfg.devices)
     state, put, host = _placement(cfg, state)
     verbose = verbose and is_main_process()
     done = (state, start)  # the state after the last completed epoch, and that epoch
@@ -333,7 +363,7 @@ def run(cfg: TrainConfig, ds: Dataset, *, verbose: bool = True,
                 state, losses = _train_epoch(step, state, ds, cfg, epoch, put,
                                              verbose=verbose)
                 _check_finite(losses, epoch, ckpt, saved)
-                history.append(_evaluate(state, losses, ds, cfg, epoch, host, started=started))
+                history.append(_evaluate(state, losses, ds, net, epoch, host, started=started))
                 done = (state, epoch + 1)
                 if verbose:
                     _log_epoch(history[-1], cfg.epochs)
@@ -413,15 +443,15 @@ def _check_finite(losses: np.ndarray, epoch: int, ckpt: str | None, saved: int |
                    f"{epoch * len(losses) + bad + 1}; {kept}. Try a smaller --lr.")
 
 
-def _evaluate(state: TrainState, losses: np.ndarray, ds: Dataset, cfg: TrainConfig,
-              epoch: int, host, *, started: float) -> dict[str, float]:
+def _evaluate(state: TrainState, losses: np.ndarray, ds: Dataset, net, epoch: int, host,
+              *, started: float) -> dict[str, float]:
     """The epoch's history record: eval-mode accuracies, seconds since ``started``."""
     params, stats = host((state.params, state.stats))
     return {
         "epoch": epoch + 1,
         "train_loss": float(losses.mean()),
-        "train_accuracy": accuracy(params, stats, ds.x_train, ds.y_train, norm=cfg.norm),
-        "test_accuracy": accuracy(params, stats, ds.x_test, ds.y_test, norm=cfg.norm),
+        "train_accuracy": accuracy(params, stats, ds.x_train, ds.y_train, net=net),
+        "test_accuracy": accuracy(params, stats, ds.x_test, ds.y_test, net=net),
         "epoch_time_s": time.perf_counter() - started,
     }
 
