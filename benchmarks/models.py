@@ -2,7 +2,7 @@
 normalization modules, with jaxbn's drop-in ones (:mod:`jaxbn.nnx`) and, for the
 CNNs, without normalization.
 
-Models: the ResNet-style CNN of ``train/`` (:class:`train.cnn.CNN`) in several
+Models: the ResNet-style CNN of ``train/`` (:class:`train.cnn.ResNet`) in several
 sizes with ``BatchNorm``, and a pre-norm transformer block (attention + MLP) with
 ``LayerNorm`` and with ``RMSNorm``. Each variant starts from the same weights
 (``nnx.Rngs(0)``; jaxbn's modules consume the same keys as Flax's).
@@ -42,6 +42,7 @@ from benchmarks.common import positive_float
 
 RTOL = 1e-4  # Flax and jaxbn losses of the first two float32 steps agree to this
 LEARNING_RATE, MOMENTUM = 0.01, 0.9  # optax.sgd
+BN_MOMENTUM = 0.99  # of the running statistics: Flax's default and jaxbn.nnx's
 CLASSES = 10
 
 
@@ -67,7 +68,7 @@ def _transformer(norm, d_model, heads, seq, batch):
 
 MODELS = [
     _cnn("small", 32, (16, 32, 64), 1, 32),
-    _cnn("medium", 32, (32, 64, 128), 2, 64),
+    _cnn("medium", 32, (32, 64, 128), 1, 64),
     _cnn("large", 32, (64, 128, 256), 2, 64),
     _transformer("LayerNorm", 256, 4, 128, 8),
     _transformer("RMSNorm", 256, 4, 128, 8),
@@ -107,7 +108,8 @@ def _transformer_block(d_model: int, heads: int, norm: Callable, rngs):
             self.up = nnx.Linear(d_model, 4 * d_model, rngs=rngs)
             self.down = nnx.Linear(4 * d_model, d_model, rngs=rngs)
 
-        def __call__(self, x):
+        def __call__(self, x, *, train: bool):
+            del train  # no batch statistics; the argument is the CNN's signature
             x = x + self.attention(self.norm1(x))
             return x + self.down(nnx.gelu(self.up(self.norm2(x))))
 
@@ -120,14 +122,14 @@ def build(model: Model, norm, seed: int = 0):
     import jax
     from flax import nnx
 
-    from train.cnn import CNN
+    from train.cnn import ResNet
 
     rngs = nnx.Rngs(seed)
     kx, ky = jax.random.split(jax.random.key(seed + 1))
     c = model.config
     if model.kind == "cnn":
-        module = CNN(in_channels=3, widths=c["widths"], blocks=c["blocks"],
-                     num_classes=CLASSES, norm=norm, rngs=rngs)
+        module = ResNet(3, CLASSES, widths=c["widths"], blocks=c["blocks"], norm=norm,
+                        momentum=BN_MOMENTUM, rngs=rngs)
         x = jax.random.normal(kx, (model.batch, c["side"], c["side"], 3))
         y = jax.random.randint(ky, (model.batch,), 0, CLASSES)
     else:
@@ -141,7 +143,7 @@ def _loss(module, x, y):
     import jax.numpy as jnp
     import optax
 
-    out = module(x)
+    out = module(x, train=True)
     if jnp.issubdtype(y.dtype, jnp.integer):
         return optax.softmax_cross_entropy_with_integer_labels(out, y).mean()
     return jnp.mean(jnp.square(out - y))
@@ -192,7 +194,7 @@ def check_agreement(name: str, losses: dict[str, list[float]], rtol: float = RTO
 
 
 def bench_model(model: Model, norms: dict[str, Any], budget_s: float,
-                min_repeats: int = 7, max_repeats: int = 300) -> dict:
+                min_repeats: int = 15, max_repeats: int = 300) -> dict:
     """Compiles, checks (:func:`check_agreement`) and times every variant of ``model``;
     ``norms`` is :func:`variants`'s mapping (``"flax"`` and ``"jaxbn"`` at least)."""
     calls, temp, losses = {}, {}, {}
@@ -241,7 +243,7 @@ def section_lines(result: dict) -> list[str]:
         "jaxbn's losses must agree to 1e-4), then are called round-robin (rotating who goes "
         "first), median per variant; *time / Flax* is against the Flax variant of the same "
         "model in the same round-robin. *temp*: XLA's compiled temp buffer of the step "
-        "(`memory_analysis().temp_size_in_bytes`). CNN: `train.cnn.CNN`, NHWC input of "
+        "(`memory_analysis().temp_size_in_bytes`). CNN: `train.cnn.ResNet`, NHWC input of "
         f"side x side x 3, {CLASSES} classes, cross-entropy; transformer: one pre-norm block "
         "(multi-head attention + 4x GELU MLP), mean squared error; float32.",
         "",
@@ -280,7 +282,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true",
                         help="tiny models and a short time budget (smoke test)")
     parser.add_argument("--budget", type=positive_float, default=None,
-                        help="seconds of timed steps per model (default 30, quick 0.5)")
+                        help="seconds of timed steps per model (default 20, quick 0.5)")
     parser.add_argument(
         "--out", type=Path, default=None,
         help=f"results directory (default: {run.RESULTS_DIR.relative_to(run.ROOT)}, with "
@@ -294,7 +296,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     suffix = "-quick" if args.quick else ""
-    budget = args.budget if args.budget is not None else (0.5 if args.quick else 30.0)
+    budget = args.budget if args.budget is not None else (0.5 if args.quick else 20.0)
     words = sys.argv[2:] if argv is None else argv
     result = {"command": " ".join(["python -m benchmarks models", *words]),
               "machine": run._machine(), "cases": []}
