@@ -182,7 +182,8 @@ def compile_step(module, batch):
 
 
 def check_agreement(name: str, losses: dict[str, list[float]], rtol: float = RTOL) -> None:
-    """Raises ``ValueError`` unless every loss is finite and jaxbn's equal Flax's within ``rtol``."""
+    """Raises ``ValueError`` unless every loss of ``losses`` (variant -> losses of the first
+    steps) is finite and jaxbn's equal Flax's within ``rtol`` (relative)."""
     wrong = [f"{v} loss {loss}" for v, ls in losses.items() for loss in ls
              if not math.isfinite(loss)]
     for step, (a, b) in enumerate(zip(losses["jaxbn"], losses["flax"]), 1):
