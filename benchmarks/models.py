@@ -253,7 +253,7 @@ def section_lines(result: dict) -> list[str]:
         "|---|---|---:|---|---:|---:|---:|---:|",
     ]
     for c in result["cases"]:
-        size = ", ".join(f"{k} {'x'.join(map(str, v)) if isinstance(v, list) else v}"
+        size = ", ".join(f"{k} {'x'.join(map(str, v)) if isinstance(v, list | tuple) else v}"
                          for k, v in c["config"].items())
         for v, i in c["variants"].items():
             label = LABELS[v] if v == "none" else f"{LABELS[v]}.{c['norm']}"

@@ -8,7 +8,9 @@ round; each gets the median of its calls. Every number reported is a ratio
 to the family's jaxbn function (or to the bandwidth reference) measured in the
 same round-robin.
 
-Writes ``benchmarks/results/``: ``results.json``, ``RESULTS.md`` and three plots.
+Writes ``benchmarks/results/``: ``results.json``, ``RESULTS.md`` and three plots;
+``RESULTS.md`` ends with the "Models" section of ``python -m benchmarks models``
+(:mod:`benchmarks.models`) when its ``models.json`` is there.
 ``--quick`` writes ``*-quick`` files into the git-ignored
 ``benchmarks/results-quick/`` instead (``--out`` chooses another directory),
 leaving the full results alone.
