@@ -74,12 +74,20 @@ def ema(momentum: float, stored: Array, batch: Array) -> Array:
     return (momentum * stored).astype(dtype) + ((1 - momentum) * batch).astype(dtype)
 
 
-def _shaped(a: Array | None, shape: tuple[int, ...]) -> Array | None:
-    return None if a is None else a.reshape(shape)
+def _params(
+    scale: Array | None, bias: Array | None, x: Array, shape: tuple[int, ...] | None = None
+) -> dict:
+    """jaxbn's params, reshaped to the feature ``shape`` and cast to ``x``'s compute dtype:
+    as in Flax, whose float64 arithmetic promotes float32 parameters, their gradients
+    are then summed (across devices too) before they are rounded to their dtype."""
+    dtype = compute_dtype(x.dtype)
 
+    def cast(a: Array | None) -> Array | None:
+        if a is None:
+            return None
+        return (a if shape is None else a.reshape(shape)).astype(dtype)
 
-def _params(scale: Array | None, bias: Array | None, shape: tuple[int, ...]) -> dict:
-    return {"gamma": _shaped(scale, shape), "beta": _shaped(bias, shape)}
+    return {"gamma": cast(scale), "beta": cast(bias)}
 
 
 def feature_axes_of(x: Array, axis: Axes) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -129,7 +137,7 @@ def batch_norm_train_step(
     """
     x = x.astype(out_dtype)
     axes, fshape = feature_axes_of(x, axis)
-    params = _params(scale, bias, fshape)
+    params = _params(scale, bias, x, fshape)
     zero = {"mean": jnp.zeros(fshape, stat_dtype), "var": jnp.zeros(fshape, stat_dtype)}
     if mask is None:
         # momentum=0: the "running" statistics returned are the batch statistics exactly.
@@ -151,16 +159,17 @@ def batch_norm_train_step(
 
 def batch_norm_init_output(
     x: Array, scale: Array | None, bias: Array | None, *, axis: Axes, epsilon: float,
-    stat_dtype: Any, out_dtype: Any,
-) -> tuple[Array, Array, Array]:
+    mask: Any, stat_dtype: Any, out_dtype: Any,
+) -> Array:
     """Training-mode output while Linen initializes: Flax's two-pass statistics of any
-    batch, a batch of one included (no cross-device reduction, as in Flax)."""
+    batch, a batch of one included, over the entries ``mask`` keeps (broadcastable to
+    ``x``; None: all), without cross-device reduction, as in Flax."""
     x = x.astype(out_dtype)
     axes, fshape = feature_axes_of(x, axis)
-    mean, var = _masked_moments(x.astype(stat_dtype), jnp.ones((1,) * x.ndim, bool), axes)
-    y = batch_norm_eval(_params(scale, bias, fshape), {"mean": mean, "var": var}, x,
-                        axis=axes, eps=epsilon)
-    return y, mean, var
+    kept = jnp.ones((), bool) if mask is None else jnp.asarray(mask, bool)
+    mean, var = _masked_moments(x.astype(stat_dtype), kept, axes)
+    return batch_norm_eval(_params(scale, bias, x, fshape), {"mean": mean, "var": var}, x,
+                           axis=axes, eps=epsilon)
 
 
 def batch_norm_eval_step(
@@ -171,7 +180,7 @@ def batch_norm_eval_step(
     x = x.astype(out_dtype)
     axes, fshape = feature_axes_of(x, axis)
     stats = {"mean": mean.reshape(fshape), "var": var.reshape(fshape)}
-    return batch_norm_eval(_params(scale, bias, fshape), stats, x, axis=axes, eps=epsilon)
+    return batch_norm_eval(_params(scale, bias, x, fshape), stats, x, axis=axes, eps=epsilon)
 
 
 def per_example_norm(
@@ -190,7 +199,7 @@ def per_example_norm(
     features, fshape = feature_axes_of(x, feature_axes)
     norm = layer_norm if center else rms_norm
     if reduce == features:
-        return norm(_params(scale, bias, fshape), x, axis=reduce, eps=epsilon)
+        return norm(_params(scale, bias, x, fshape), x, axis=reduce, eps=epsilon)
     dtype = compute_dtype(x.dtype)
     y = norm({"gamma": None, "beta": None}, x.astype(dtype), axis=reduce, eps=epsilon)
     shape = tuple(x.shape[a] if a in features else 1 for a in range(x.ndim))
@@ -213,12 +222,15 @@ def group_norm_step(
         refuse(module, "reduction_axes", reduction_axes,
                f"None or every axis but the leading batch axis, {default} for an input of "
                f"rank {x.ndim}")
-    return group_norm({"gamma": scale, "beta": bias}, x, num_groups,
+    return group_norm(_params(scale, bias, x), x, num_groups,
                       axis=-1 if x.ndim > 1 else 0, eps=epsilon)
 
 
-def groups(channels: int, num_groups: int | None, group_size: int | None) -> tuple[int, int]:
-    """``(num_groups, group_size)`` from Flax's GroupNorm arguments, with Flax's errors."""
+def groups(
+    channels: int, num_groups: int | None, group_size: int | None, what: str = "features"
+) -> tuple[int, int]:
+    """``(num_groups, group_size)`` from Flax's GroupNorm arguments, with Flax's errors
+    (``what``: "features" in NNX, "channels" in Linen)."""
     if (num_groups is None) == (group_size is None):
         raise ValueError(
             "Either `num_groups` or `group_size` should be specified. If `group_size` is to "
@@ -227,7 +239,7 @@ def groups(channels: int, num_groups: int | None, group_size: int | None) -> tup
     if group_size is not None:
         if channels % group_size != 0:
             raise ValueError(
-                f"Number of features ({channels}) is not multiple of the group size "
+                f"Number of {what} ({channels}) is not multiple of the group size "
                 f"({group_size}).")
         return channels // group_size, group_size
     if not isinstance(num_groups, int) or num_groups <= 0 or channels % num_groups != 0:
