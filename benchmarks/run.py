@@ -8,7 +8,9 @@ round; each gets the median of its calls. Every number reported is a ratio
 to the family's jaxbn function (or to the bandwidth reference) measured in the
 same round-robin.
 
-Writes ``benchmarks/results/``: ``results.json``, ``RESULTS.md`` and three plots.
+Writes ``benchmarks/results/``: ``results.json``, ``RESULTS.md`` and three plots;
+``RESULTS.md`` ends with the "Models" section of ``python -m benchmarks models``
+(:mod:`benchmarks.models`) when its ``models.json`` is there.
 ``--quick`` writes ``*-quick`` files into the git-ignored
 ``benchmarks/results-quick/`` instead (``--out`` chooses another directory),
 leaving the full results alone.
@@ -318,17 +320,11 @@ def _memory_lines(section, labels, level) -> list[str]:
     return lines + [""]
 
 
-def write_markdown(result, path: Path, plots: dict):
-    from benchmarks.impls import FAMILIES, RMS_EPS
-
-    labels = FAMILIES["batch_norm"].labels
+def machine_lines(result) -> list[str]:
+    """The report's notes, date, command, machine and versions of a run's ``result``."""
     m = result["machine"]
     v = m["versions"]
-    lines = ["# jaxbn benchmark results", ""]
-    if result.get("title_note"):
-        lines += [f"**{result['title_note']}**", ""]
-    lines += [f"- note: {note}" for note in result.get("notes", [])]
-    lines += [
+    return [f"- note: {note}" for note in result.get("notes", [])] + [
         f"- date: {m['date_utc']}; command: `{result['command']}`",
         f"- machine: {m['cpu']}, {m['cores']} cores, backend {m['backend']} "
         f"({len(m['devices'])} device); 1-min load average at start "
@@ -336,6 +332,20 @@ def write_markdown(result, path: Path, plots: dict):
         f"{_load_remark(m['load_average_1min_at_start'])}",
         f"- versions: python {v['python']}, jax {v['jax']}, jaxlib {v['jaxlib']}, "
         f"numpy {v['numpy']}, flax {v['flax']}",
+    ]
+
+
+def write_markdown(result, path: Path, plots: dict, models: dict | None = None):
+    """Writes the report of the layer benchmark's ``result``, and the "Models" section of
+    ``python -m benchmarks models``' result (:mod:`benchmarks.models`) if given."""
+    from benchmarks.impls import FAMILIES, RMS_EPS
+
+    labels = FAMILIES["batch_norm"].labels
+    lines = ["# jaxbn benchmark results", ""]
+    if result.get("title_note"):
+        lines += [f"**{result['title_note']}**", ""]
+    lines += machine_lines(result)
+    lines += [
         "- method: forward+backward (`jax.vjp`, output and all three gradients returned) "
         "under `jax.jit`, compiled and warmed up, then all implementations and the "
         "bandwidth reference called round-robin (rotating who goes first), median per "
@@ -387,6 +397,10 @@ def write_markdown(result, path: Path, plots: dict):
     ]
     for title, file in plots.items():
         lines.append(f"![{title}]({file})")
+    if models is not None:
+        from benchmarks.models import section_lines
+
+        lines += [""] + section_lines(models)
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -589,23 +603,35 @@ def choose_implementations(include_flax: bool) -> tuple[dict, list[str]]:
     return fns, [FLAX_MISSING] if missing else []
 
 
-def _render(args: argparse.Namespace, suffix: str) -> None:
-    """``--render``: RESULTS.md and the plots again from results.json (with ``--title-note``
-    stored into it first)."""
-    json_path = args.out / f"results{suffix}.json"
-    result = json.loads(json_path.read_text())
-    if args.title_note is not None:
-        result["title_note"] = args.title_note
+def _load(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def render(out: Path, suffix: str, title_note: str | None = None) -> None:
+    """RESULTS.md (and the plots) again from ``out``'s results.json, with the "Models"
+    section from models.json if it is there; ``title_note`` is stored into results.json
+    first. Without results.json (no layer run yet) the report is the Models section alone.
+    """
+    json_path = out / f"results{suffix}.json"
+    result, models = _load(json_path), _load(out / f"models{suffix}.json")
+    if result is None:
+        from benchmarks.models import section_lines
+
+        lines = ["# jaxbn benchmark results", "", *section_lines(models)]
+        (out / f"RESULTS{suffix}.md").write_text("\n".join(lines) + "\n")
+        return
+    if title_note is not None:
+        result["title_note"] = title_note
         json_path.write_text(json.dumps(result, indent=2) + "\n")
-    plots = make_plots(result, args.out, suffix)
-    write_markdown(result, args.out / f"RESULTS{suffix}.md", plots)
+    plots = make_plots(result, out, suffix)
+    write_markdown(result, out / f"RESULTS{suffix}.md", plots, models)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     suffix = "-quick" if args.quick else ""
     if args.render:
-        _render(args, suffix)
+        render(args.out, suffix, args.title_note)
         return 0
 
     dtypes = args.dtype or ["float32", "bfloat16"]
@@ -647,7 +673,8 @@ def main(argv=None) -> int:
     result["elapsed_s"] = time.perf_counter() - start
     plots = make_plots(result, args.out, suffix)
     (args.out / f"results{suffix}.json").write_text(json.dumps(result, indent=2) + "\n")
-    write_markdown(result, args.out / f"RESULTS{suffix}.md", plots)
+    write_markdown(result, args.out / f"RESULTS{suffix}.md", plots,
+                   _load(args.out / f"models{suffix}.json"))
     h = result["numpy_headline"]
     print(f"numpy {_shape_str(h['shape'])}: dx difference: {h['dx_difference']:.1e}, "
           f"dgamma difference: {h['dgamma_difference']:.1e}, dbeta difference: "

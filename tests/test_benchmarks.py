@@ -1,12 +1,14 @@
 """`python -m benchmarks`: its report is self-consistent, quick runs stay out of git,
 a missing Flax is reported, every implementation computes what jaxbn does, and the
-shared timer times what it is given.
+shared timer times what it is given. `python -m benchmarks models`: its section joins
+the layer report, and a model whose loss differs from Flax's stops the run.
 
 Speed is not asserted: only that every implementation was timed, ratios are
 against jaxbn (batch norm) or jaxbn.rms_norm (RMS norm) from the same run, and
 --render redraws the same report, from old results without RMS norm too.
 """
 
+import functools
 import json
 import math
 import shutil
@@ -14,10 +16,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import pytest
 
-from benchmarks import common, impls, run
+from benchmarks import common, impls, models, run
 
 IMPLS = {"jaxbn", "staged", "autodiff"}
 RMS_IMPLS = {"jaxbn", "autodiff"}
@@ -146,7 +149,8 @@ def test_committed_results_render_the_committed_report(tmp_path):
     assert list(run.sections(result)) == ["batch_norm", "rms_norm"]
     run.write_markdown(result, tmp_path / "RESULTS.md", {
         "time vs size": "time_vs_size.png", "RMS norm time vs size":
-        "rms_norm_time_vs_size.png", "ratios": "ratios.png"})
+        "rms_norm_time_vs_size.png", "ratios": "ratios.png"},
+        run._load(run.RESULTS_DIR / "models.json"))  # the Models section, once measured
     assert (tmp_path / "RESULTS.md").read_text() == (run.RESULTS_DIR / "RESULTS.md").read_text()
 
 
@@ -202,3 +206,86 @@ def test_interleaved_budget_sets_repeats_within_bounds():
     assert repeats == 5
     _, repeats = run._interleaved(calls, budget_s=10.0, min_repeats=5, max_repeats=9)
     assert repeats == 9
+
+
+# python -m benchmarks models: whole-model train steps.
+
+TINY_CNN = models.Model("cnn", "tiny", "BatchNorm", {"side": 8, "widths": (4, 8), "blocks": 1}, 4)
+
+
+def _flax_batch_norm():
+    return pytest.importorskip("flax.nnx").BatchNorm
+
+
+@pytest.mark.slow
+def test_models_quick_run_writes_its_section_beside_the_layer_tables(tmp_path, monkeypatch):
+    pytest.importorskip("jaxbn.nnx")
+    transformer = next(m for m in models.QUICK_MODELS if m.kind == "transformer")
+    monkeypatch.setattr(models, "QUICK_MODELS", [TINY_CNN, transformer])
+    # A layer run's results are there already: its tables stay, the Models section is added.
+    shutil.copy(run.RESULTS_DIR / "results.json", tmp_path / "results-quick.json")
+    assert models.main(["--quick", "--budget", "0.05", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "models-quick.json").read_text())
+    assert result["command"] == (
+        f"python -m benchmarks models --quick --budget 0.05 --out {tmp_path}")
+    cnn, block = result["cases"]
+    assert (cnn["kind"], cnn["name"], block["norm"]) == ("cnn", "tiny", transformer.norm)
+    assert set(cnn["variants"]) == {"flax", "jaxbn", "none"}
+    assert set(block["variants"]) == {"flax", "jaxbn"}
+    for case in result["cases"]:
+        flax = case["variants"]["flax"]
+        for v in case["variants"].values():  # ratios to the Flax variant of the same round-robin
+            assert v["median_s"] > 0 and v["time_to_flax"] == v["median_s"] / flax["median_s"]
+            assert v["temp_to_flax"] == v["temp_bytes"] / flax["temp_bytes"]
+        assert case["repeats"] >= 15 and len(case["losses"]["jaxbn"]) == 2
+    assert result["geomean"] == {v: i["time_to_flax"] for v, i in cnn["variants"].items()}
+    assert [t["measured"] for t in result["targets"]] == [
+        cnn["variants"]["jaxbn"]["temp_to_flax"], cnn["variants"]["jaxbn"]["time_to_flax"]]
+    report = (tmp_path / "RESULTS-quick.md").read_text()
+    assert "## Summary, float32" in report and "## RMS norm" in report  # the layer tables
+    section = report[report.index("## Models: the training step"):]
+    assert f"command: `{result['command']}`" in section
+    for label in ("flax.nnx.BatchNorm", "jaxbn.nnx.BatchNorm", "| none |",
+                  f"flax.nnx.{transformer.norm}", f"jaxbn.nnx.{transformer.norm}"):
+        assert label in section
+    # A later layer run (here its --render) keeps the Models section.
+    assert run.main(["--quick", "--render", "--out", str(tmp_path)]) == 0
+    assert (tmp_path / "RESULTS-quick.md").read_text() == report
+
+
+@pytest.mark.slow
+def test_models_agreement_catches_another_epsilon():
+    batch_norm = _flax_batch_norm()
+    wrong = functools.partial(batch_norm, epsilon=1.0)
+    with pytest.raises(ValueError, match=r"cnn tiny: .* step 1 loss: jaxbn .*, flax "):
+        models.bench_model(TINY_CNN, {"flax": batch_norm, "jaxbn": wrong}, budget_s=0.01)
+
+
+@pytest.mark.slow
+def test_models_agreement_catches_a_wrong_gradient():
+    """Same forward pass, but the norm's gradient is the identity: the first losses agree,
+    the second (after one update) does not."""
+    batch_norm = _flax_batch_norm()
+
+    class WrongGradient(batch_norm):
+        def __call__(self, x, *args, **kwargs):
+            return x + jax.lax.stop_gradient(super().__call__(x, *args, **kwargs) - x)
+
+    with pytest.raises(ValueError, match="step 2 loss") as error:
+        models.bench_model(TINY_CNN, {"flax": batch_norm, "jaxbn": WrongGradient}, 0.01)
+    assert "step 1" not in str(error.value)
+
+
+def test_models_agreement_rejects_a_non_finite_loss_and_accepts_round_off():
+    models.check_agreement("m", {"flax": [2.0, 1.5], "jaxbn": [2.0 * (1 + 1e-6), 1.5]})
+    with pytest.raises(ValueError, match=r"m: .*none loss nan"):
+        models.check_agreement("m", {"flax": [2.0, 1.5], "jaxbn": [2.0, 1.5],
+                                     "none": [2.0, math.nan]})
+    with pytest.raises(ValueError, match="step 2 loss: jaxbn 1.6, flax 1.5"):
+        models.check_agreement("m", {"flax": [2.0, 1.5], "jaxbn": [2.0, 1.6]})
+
+
+def test_models_quick_runs_default_to_the_git_ignored_directory():
+    assert models.parse_args([]).out == run.RESULTS_DIR
+    assert models.parse_args(["--quick"]).out == run.QUICK_DIR
+    assert len({m.name for m in models.MODELS if m.kind == "cnn"}) >= 3
