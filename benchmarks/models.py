@@ -291,7 +291,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true",
                         help="tiny models and a short time budget (smoke test)")
     parser.add_argument("--budget", type=positive_float, default=None,
-                        help="seconds of timed steps per model (default 20, quick 0.5)")
+                        help="seconds of timed steps per model (default 60, quick 0.5)")
     parser.add_argument(
         "--out", type=Path, default=None,
         help=f"results directory (default: {run.RESULTS_DIR.relative_to(run.ROOT)}, with "
@@ -305,7 +305,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     suffix = "-quick" if args.quick else ""
-    budget = args.budget if args.budget is not None else (0.5 if args.quick else 20.0)
+    budget = args.budget if args.budget is not None else (0.5 if args.quick else 60.0)
     words = sys.argv[2:] if argv is None else argv
     result = {"command": " ".join(["python -m benchmarks models", *words]),
               "machine": run._machine(), "cases": []}
