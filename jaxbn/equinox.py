@@ -236,14 +236,17 @@ class BatchNorm(eqx.nn.StatefulLayer):
         A 2-tuple of:
 
         - A JAX array of shape `(input_size, dim_1, ..., dim_N)`, in the dtype
-            Equinox gives: the promotion of `x`'s, the weight's and the state's dtypes.
+            Equinox gives: the promotion of `x`'s and the weight's dtypes, and in
+            inference also the state's.
         - An updated state object (storing the updated running statistics).
 
         **Raises:**
 
         A `NameError` if no `vmap`s are placed around this operation, or if this vmap
         does not have a matching `axis_name`; a `ValueError` in training mode when
-        each channel's statistics would be over a single value.
+        each channel's statistics would be over a single value, or when the
+        update of the running statistics would change their dtype (a float64
+        input and float32 state), as Equinox's `State.set` does.
         """
         del key
         if inference is None:
@@ -251,10 +254,21 @@ class BatchNorm(eqx.nn.StatefulLayer):
         with jax.named_scope("jaxbn.equinox.BatchNorm"):
             counter = state.get(self.batch_counter)
             hidden_mean, hidden_var = state.get(self.batch_state_index)
-            # Equinox's output dtype: x, the statistics and the affine parameters promoted.
+            # Equinox's output dtype: x and the affine parameters promoted, and in
+            # inference also the (stored) statistics.
             affine = [p.dtype for p in (self.weight, self.bias) if p is not None]
-            x = x.astype(_promoted(x.dtype, hidden_mean.dtype, hidden_var.dtype, *affine))
+            stored = [hidden_mean.dtype, hidden_var.dtype] if inference else []
+            x = x.astype(_promoted(x.dtype, *stored, *affine))
             params = {"gamma": self.weight, "beta": self.bias}
+            updated = _promoted(x.dtype, hidden_mean.dtype)
+            if not inference and updated != hidden_mean.dtype:
+                # Equinox's State.set refuses the promoted update with this message.
+                raise ValueError(
+                    "Old and new values have different structures/shapes/dtypes. The "
+                    f"running statistics are {hidden_mean.dtype} and the update of a "
+                    f"{x.dtype} input is {updated}: create the BatchNorm with "
+                    f"dtype={updated} (as Equinox requires)."
+                )
             if inference:
                 # Equinox's zero-debiasing, expression for expression, with its
                 # (standard) promotion of the integer counter, also under strict promotion.

@@ -174,17 +174,29 @@ def test_batch_norm_fields_and_state_layout_match_equinox():
                 assert getattr(got[0], f) == getattr(want[0], f), f
 
 
-def test_batch_norm_mixed_dtypes_follow_equinox():
-    """float32 parameters and state with bfloat16 input: output float32 in both (promotion),
-    state float32; values to bfloat16 rounding (Equinox's statistics are in bfloat16)."""
+@pytest.mark.parametrize("affine", [True, False])
+def test_batch_norm_mixed_dtypes_follow_equinox(affine):
+    """float32 state (and parameters) with bfloat16 input, training: the output is float32
+    with the affine parameters (promotion) and bfloat16 without, in both; state float32;
+    values to bfloat16 rounding (Equinox's statistics are in bfloat16)."""
     with x64(np.float32):
         x = jnp.asarray(data(5, (8, 3, 2), loc=1.0), jnp.bfloat16)
-        dy = jnp.asarray(data(6, (8, 3, 2)), jnp.float32)
-        got, want = (_in(name, _bn_step, bn, st, x, dy, False)
-                     for name, (bn, st) in _bn_pair(dtype=np.float32).items())
+        dy = jnp.asarray(data(6, (8, 3, 2)), jnp.float32 if affine else jnp.bfloat16)
+        got, want = (_in(name, _bn_step, bn, st, x, dy, False) for name, (bn, st)
+                     in _bn_pair(channelwise_affine=affine, dtype=np.float32).items())
     assert _leaf_specs(got) == _leaf_specs(want)
-    assert got[0].dtype == jnp.float32
+    assert got[0].dtype == (jnp.float32 if affine else jnp.bfloat16)
     assert_trees_all_close(got, want, rtol=2**-6)
+
+
+def test_batch_norm_float64_input_with_float32_state_is_refused_as_in_equinox():
+    """Equinox's State.set refuses the float64 update of float32 statistics; so does jaxbn."""
+    with x64(np.float64):
+        x = jnp.asarray(data(5, (8, 3, 2), loc=1.0))
+        dy = jnp.asarray(data(6, (8, 3, 2)))
+        for name, (bn, st) in _bn_pair(dtype=np.float32).items():
+            with pytest.raises(ValueError, match="different structures/shapes/dtypes"):
+                _in(name, _bn_step, bn, st, x, dy, False)
 
 
 @pytest.mark.slow  # several seconds of compiling on a 2-core CPU
