@@ -164,15 +164,16 @@ def batch_norm_train_step(
 
 
 def batch_norm_init_output(
-    x: Array, scale: Array | None, bias: Array | None, *, axis: Axes, epsilon: float,
+    module: str, x: Array, scale: Array | None, bias: Array | None, *, axis: Axes, epsilon: float,
     mask: Any, stat_dtype: Any, out_dtype: Any,
 ) -> Array:
     """Training-mode output while Linen initializes: Flax's two-pass statistics of any
     batch, a batch of one included, over the entries ``mask`` keeps (broadcastable to
-    ``x``; None: all), without cross-device reduction, as in Flax."""
+    ``x``; None: all), without cross-device reduction, as in Flax. A mask is checked
+    as in training, so that ``init`` refuses what ``apply`` would."""
     x = x.astype(out_dtype)
     axes, fshape = feature_axes_of(x, axis)
-    kept = jnp.ones((), bool) if mask is None else jnp.asarray(mask, bool)
+    kept = jnp.ones((), bool) if mask is None else _flax_mask(mask, x, axes, module)
     mean, var = _masked_moments(x.astype(stat_dtype), kept, axes)
     return batch_norm_eval(_params(scale, bias, x, fshape), {"mean": mean, "var": var}, x,
                            axis=axes, eps=epsilon)

@@ -143,7 +143,7 @@ class BatchNorm(nn.Module):
                 epsilon=self.epsilon, out_dtype=out_dtype)
         if self.is_initializing():
             return _flax.batch_norm_init_output(
-                x, scale, bias, axis=self.axis, epsilon=self.epsilon, mask=mask,
+                "linen.BatchNorm", x, scale, bias, axis=self.axis, epsilon=self.epsilon, mask=mask,
                 stat_dtype=stat_dtype, out_dtype=out_dtype)
         y, batch_mean, batch_var = _flax.batch_norm_train_step(
             "linen.BatchNorm", x, scale, bias, axis=self.axis, epsilon=self.epsilon,

@@ -217,3 +217,15 @@ def max_rel_err(actual, desired) -> float:
         scale = max(float(np.max(np.abs(d), initial=0.0)), 1e-300)
         worst = max(worst, float(np.max(np.abs(a - d), initial=0.0)) / scale)
     return worst
+
+
+def assert_leaves_close_by_dtype(actual, desired, *, half: bool, err_msg=""):
+    """:func:`assert_trees_all_close` leaf by leaf, each with its dtype's tolerance:
+    ``2**-6`` for every leaf when 16-bit floats took part in the computation (``half``),
+    else :data:`RTOL64` for float64 leaves and ``1e-5`` for float32 ones."""
+    a_leaves, a_def = jax.tree.flatten(actual)
+    d_leaves, d_def = jax.tree.flatten(desired)
+    assert a_def == d_def, f"tree structures differ: {a_def} vs {d_def}"
+    for i, (a, d) in enumerate(zip(a_leaves, d_leaves)):
+        rtol = 2**-6 if half else RTOL64 if jnp.asarray(d).dtype == jnp.float64 else 1e-5
+        assert_trees_all_close(a, d, rtol, err_msg=f"{err_msg} leaf {i}")

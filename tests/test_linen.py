@@ -25,7 +25,7 @@ import numpy as np
 import optax
 import pytest
 from _env import DEVICE_COUNT as NDEV
-from helpers import RTOL64, assert_trees_all_close
+from helpers import RTOL64, assert_leaves_close_by_dtype, assert_trees_all_close
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -192,8 +192,8 @@ def test_dtypes_match_flax(name, x_dtype, dtype, param_dtype, x64):
             va, vb = {**va, **want[1]}, {**vb, **got[1]}
             want, got = (want, _vjp(a, va, x, dy, False)), (got, _vjp(b, vb, x, dy, False))
         _check_same_layout(got, want)
-        bf16 = jnp.bfloat16 in (x_dtype, dtype, param_dtype)
-        assert_trees_all_close(got, want, 2**-6 if bf16 else 1e-5)
+        half = jnp.bfloat16 in (x_dtype, dtype, param_dtype)
+        assert_leaves_close_by_dtype(got, want, half=half)
 
 
 @pytest.fixture(scope="module")
@@ -319,6 +319,8 @@ def test_unsupported_call_arguments_raise():
     variables = bn.init(jax.random.key(0), x)
     with pytest.raises(ValueError, match="mask=.*size 1 on the feature axes"):
         bn.apply(variables, x, mask=jnp.ones((4, 3, 4), bool), mutable=["batch_stats"])
+    with pytest.raises(ValueError, match="mask=.*size 1 on the feature axes"):  # init too
+        bn.init(jax.random.key(0), x, mask=jnp.ones((4, 3, 4), bool))
     with pytest.raises(ValueError, match="use_running_average"):  # Flax's merge_param error
         bn.apply(variables, x, use_running_average=True)
 

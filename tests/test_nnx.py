@@ -26,7 +26,7 @@ import optax
 import pytest
 from _env import DEVICE_COUNT as NDEV
 from flax import nnx
-from helpers import RTOL64, assert_trees_all_close
+from helpers import RTOL64, assert_leaves_close_by_dtype, assert_trees_all_close
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -218,12 +218,12 @@ def test_dtypes_match_flax(name, x_dtype, dtype, x64):
             b.eval()
             want.append(_apply(a, x))
             got.append(_apply(b, x))
+        half = jnp.bfloat16 in (x_dtype, dtype)
         for g, w in zip(got, want):
             assert g.dtype == w.dtype
-            rtol = 2**-6 if w.dtype == jnp.bfloat16 else 1e-5
-            assert_trees_all_close(g, w, rtol)
+        assert_leaves_close_by_dtype(got, want, half=half)
         _check_state(a, b)
-        assert_trees_all_close(nnx.state(b), nnx.state(a), 1e-5)
+        assert_leaves_close_by_dtype(nnx.state(b), nnx.state(a), half=half)
 
 
 @pytest.mark.parametrize("name,args,kw", [
