@@ -80,6 +80,23 @@ def _vjp(module, variables, x, dy, train, mask=None):
     return y, new, grads
 
 
+@functools.partial(jax.jit, static_argnums=(0, 1, 4))
+def _init_and_vjp(a, b, x, dy, train):
+    """For Flax's module ``a`` and jaxbn's ``b``, in one compiled program: ``init_with_output``
+    on ``x``, then :func:`_vjp` from those variables; a training BatchNorm (``train``
+    True) also evaluates, ``_vjp`` with ``train=False``, from its updated statistics,
+    and its second item is ``(training vjp, evaluation vjp)``."""
+    out = []
+    for m in (a, b):
+        init = _init_with_output.__wrapped__(m, x, train)
+        result = _vjp.__wrapped__(m, init[1], x, dy, train)
+        if train:
+            updated = {**init[1], **result[1]}
+            result = (result, _vjp.__wrapped__(m, updated, x, dy, False))
+        out.append((init, result))
+    return out
+
+
 def _check_same_layout(got, want):
     assert jax.tree.structure(got) == jax.tree.structure(want)
     for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
@@ -107,29 +124,44 @@ BN_CASES = {
 }
 
 
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _bn_init_steps_eval(a, b, one, xs, dys, x_eval, mask):
+    """For Flax's module ``a`` and jaxbn's ``b``, in one compiled program: init on
+    ``one``; a training step (with ``mask``) per entry of ``xs``/``dys``, each applied
+    to the variables the previous one updated; evaluation on ``x_eval``. Per module:
+    ``((init y, init variables), [step results], evaluation result)``."""
+    out = []
+    for m in (a, b):
+        init = _init_with_output.__wrapped__(m, one, True)
+        v, steps = init[1], []
+        for x, dy in zip(xs, dys):
+            steps.append(_vjp.__wrapped__(m, v, x, dy, True, mask))
+            v = {**v, **steps[-1][1]}
+        out.append((init, steps, _vjp.__wrapped__(m, v, x_eval, x_eval, False)))
+    return out
+
+
 @pytest.mark.parametrize("shape,kw,mask_shape", BN_CASES.values(), ids=BN_CASES.keys())
 def test_batch_norm_init_train_and_eval_match_flax(shape, kw, mask_shape):
-    """init on a batch of one; three training steps; evaluation."""
+    """init on a batch of one; three training steps; evaluation (one compiled program)."""
     with _float64():
         a, b = _pair("BatchNorm", momentum=0.9, **INIT, **kw)
         one = _x(0, (1,) + shape[1:])
-        (ya, va), (yb, vb) = (_init_with_output(m, one, True) for m in (a, b))
-        assert_trees_all_close((yb, vb), (ya, va), RTOL64)
-        _check_same_layout(vb, va)
         mask = None
         if mask_shape is not None:
             mask = np.random.default_rng(3).random(mask_shape) < 0.6
             mask.flat[:2] = True, False
             mask = jnp.asarray(mask)
-        for step in range(3):
-            x, dy = _x(10 + step, shape), _x(20 + step, shape)
-            want, got = _vjp(a, va, x, dy, True, mask), _vjp(b, vb, x, dy, True, mask)
+        xs = [_x(10 + step, shape) for step in range(3)]
+        dys = [_x(20 + step, shape) for step in range(3)]
+        (init_a, steps_a, eval_a), (init_b, steps_b, eval_b) = _bn_init_steps_eval(
+            a, b, one, xs, dys, _x(30, shape), mask)
+        assert_trees_all_close(init_b, init_a, RTOL64)
+        _check_same_layout(init_b[1], init_a[1])
+        for step, (want, got) in enumerate(zip(steps_a, steps_b)):
             assert_trees_all_close(got, want, RTOL64, err_msg=f"step {step}")
             _check_same_layout(got[1], want[1])  # float64 after a float64 update
-            va = {**va, **want[1]}
-            vb = {**vb, **got[1]}
-        x = _x(30, shape)
-        assert_trees_all_close(_vjp(b, vb, x, x, False), _vjp(a, va, x, x, False), RTOL64)
+        assert_trees_all_close(eval_b, eval_a, RTOL64)
 
 
 LAYER_CASES = {
@@ -154,11 +186,10 @@ LAYER_CASES = {
 def test_per_example_norms_match_flax(name, shape, kw):
     with _float64():
         a, b = _pair(name, **_init(name), **kw)
-        x, dy = _x(1, shape), _x(2, shape)
-        (ya, va), (yb, vb) = (_init_with_output(m, x, None) for m in (a, b))
-        _check_same_layout(vb, va)
-        assert_trees_all_close((yb, vb), (ya, va), RTOL64)
-        assert_trees_all_close(_vjp(b, vb, x, dy, None), _vjp(a, va, x, dy, None), RTOL64)
+        (init_a, vjp_a), (init_b, vjp_b) = _init_and_vjp(a, b, _x(1, shape), _x(2, shape), None)
+        _check_same_layout(init_b[1], init_a[1])
+        assert_trees_all_close(init_b, init_a, RTOL64)
+        assert_trees_all_close(vjp_b, vjp_a, RTOL64)
 
 
 # Three cases in the fast suite, the rest marked slow.
@@ -185,12 +216,8 @@ def test_dtypes_match_flax(name, x_dtype, dtype, param_dtype, x64):
         a, b = _pair(name, dtype=dtype, param_dtype=param_dtype, **_init(name), **MODULES[name])
         x, dy = _x(0, (6, 3, 4), x_dtype), _x(1, (6, 3, 4), x_dtype)
         train = True if name == "BatchNorm" else None
-        (_, va), (_, vb) = (_init_with_output(m, x, train) for m in (a, b))
+        ((_, va), want), ((_, vb), got) = _init_and_vjp(a, b, x, dy, train)
         _check_same_layout(vb, va)
-        want, got = _vjp(a, va, x, dy, train), _vjp(b, vb, x, dy, train)
-        if name == "BatchNorm":
-            va, vb = {**va, **want[1]}, {**vb, **got[1]}
-            want, got = (want, _vjp(a, va, x, dy, False)), (got, _vjp(b, vb, x, dy, False))
         _check_same_layout(got, want)
         half = jnp.bfloat16 in (x_dtype, dtype, param_dtype)
         assert_leaves_close_by_dtype(got, want, half=half)
