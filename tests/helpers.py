@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.test_util import check_grads
 from oracles import feature_axes
 
 import jaxbn
@@ -186,6 +187,19 @@ def _jitted_vjp(norms, static):
 def value_and_vjp(norm, x, gamma, beta, dy, *, mask=None, **static):
     """:func:`norm_vjp` of one norm, jitted as in :func:`value_and_vjp_each`."""
     return value_and_vjp_each({"norm": norm}, x, gamma, beta, dy, mask=mask, **static)["norm"]
+
+
+def check_grads_rev_order2(f, args, **tolerances):
+    """``check_grads(f, args, order=2, modes=("rev",), **tolerances)``, step by step as
+    jax.test_util does it, but with the second-order function jitted: one compile instead
+    of one per evaluation."""
+    check_grads(f, args, order=1, modes=("rev",), **tolerances)
+
+    def f_vjp(*args):  # jax.test_util's: the VJP with the primal output as cotangent
+        y, vjp = jax.vjp(f, *args)
+        return vjp(y)
+
+    check_grads(jax.jit(f_vjp), args, order=1, modes=("rev",), **tolerances)
 
 
 # ------------------------------------------------------------- comparing

@@ -28,6 +28,7 @@ from helpers import (
     RTOL_OFFSET,
     as_dtype,
     assert_trees_all_close,
+    check_grads_rev_order2,
     data,
     dtype_cases,
     make_inputs,
@@ -64,19 +65,6 @@ def test_implementations_match_numpy_oracle_and_each_other(shape, axis, dtype):
                                err_msg=f"{name}: (dx, dgamma, dbeta) vs NumPy")
     for a, b in PAIRS:
         assert_trees_all_close(out[a], out[b], rtol=rtol, err_msg=f"{a} vs {b}")
-
-
-def check_grads_rev_order2(f, args, **tolerances):
-    """``check_grads(f, args, order=2, modes=("rev",), **tolerances)``, step by step as
-    jax.test_util does it, but with the second-order function jitted: one compile instead
-    of one per evaluation."""
-    check_grads(f, args, order=1, modes=("rev",), **tolerances)
-
-    def f_vjp(*args):  # jax.test_util's: the VJP with the primal output as cotangent
-        y, vjp = jax.vjp(f, *args)
-        return vjp(y)
-
-    check_grads(jax.jit(f_vjp), args, order=1, modes=("rev",), **tolerances)
 
 
 # The hand-written backward passes (autodiff is JAX's own derivative): custom in both
