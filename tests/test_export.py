@@ -25,7 +25,7 @@ def test_exported_function_with_namedtuples_round_trips():
     restored = export.deserialize(exported.serialize())
     y, new = restored.call(PARAMS, STATS, X)
     assert isinstance(new, jaxbn.RunningStats)
-    assert_trees_all_close((y, new), _train(PARAMS, STATS, X), rtol=RTOL32)
+    assert_trees_all_close((y, new), jax.jit(_train)(PARAMS, STATS, X), rtol=RTOL32)
 
 
 def test_exported_vjp_matches():
@@ -36,7 +36,7 @@ def test_exported_vjp_matches():
     restored = export.deserialize(exported.serialize(vjp_order=1))
     got = jax.grad(restored.call, argnums=(0, 1))(PARAMS, X)
     assert isinstance(got[0], jaxbn.BatchNormParams)
-    assert_trees_all_close(got, jax.grad(loss, argnums=(0, 1))(PARAMS, X), rtol=RTOL32)
+    assert_trees_all_close(got, jax.jit(jax.grad(loss, argnums=(0, 1)))(PARAMS, X), rtol=RTOL32)
 
 
 @pytest.mark.parametrize("case", ["batch_norm", "masked", "train", "group_norm", "rms_norm"])
@@ -56,6 +56,7 @@ def test_symbolic_batch_size_exports_without_constraints(case):
         jax.ShapeDtypeStruct((b, *s[1:]), jnp.bool_) for s in extra_shapes]
     exported = export.export(jax.jit(fn))(PARAMS, *specs)
     restored = export.deserialize(exported.serialize())
+    call, want = jax.jit(restored.call), jax.jit(fn)
     for n in (5, 8):  # one export, several batch sizes
         args = [x[:n]] + [e[:n] for e in extra]
-        assert_trees_all_close(restored.call(PARAMS, *args), fn(PARAMS, *args), rtol=RTOL32)
+        assert_trees_all_close(call(PARAMS, *args), want(PARAMS, *args), rtol=RTOL32)
