@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -17,6 +19,7 @@ from helpers import (
     dtype_cases,
     make_inputs,
     make_mask,
+    norm_vjp,
     rounded,
     rtol_for,
     value_and_vjp,
@@ -54,21 +57,45 @@ def _kept_rows(a, full_mask, axis):
 LAYOUT_CASES = ["ND-N", "NHWC-NHW", "NCHW-NHW"]
 
 
+def _oracle_case(shape, axis, mask_shape):
+    """Inputs (garbage in the masked-out entries), mask and its full broadcast of a case."""
+    x, g, b, dy = make_inputs(shape, axis, seed=10)
+    mask = make_mask(mask_shape, seed=11)
+    full = _full_mask(mask, shape, axis)
+    x[~full] = GARBAGE
+    return (x, g, b, dy), mask, full
+
+
+@functools.cache
+def _oracle_outputs(dtype):
+    """Every implementation on every mask case of ``dtype`` (as in the parametrization
+    below), in one compiled program: ``{case id: {name: (y, grads)}}`` as NumPy arrays."""
+    keys = list(MASK_CASES) if dtype == np.float64 else LAYOUT_CASES
+
+    @jax.jit
+    def run(inputs):
+        return {key: {name: norm_vjp(impl, *inputs[key][0], mask=inputs[key][1],
+                                     axis=MASK_CASES[key][1])
+                      for name, impl in IMPLS.items()} for key in keys}
+
+    with x64(dtype):
+        inputs = {key: (as_dtype(_oracle_case(*MASK_CASES[key])[0], dtype),
+                        jnp.asarray(_oracle_case(*MASK_CASES[key])[1])) for key in keys}
+        return jax.tree.map(np.asarray, run(inputs))
+
+
 @pytest.mark.parametrize(("shape", "axis", "mask_shape", "dtype"),
                          dtype_cases(MASK_CASES, float32_ids=LAYOUT_CASES))
 def test_masked_implementations_match_numpy_oracle(shape, axis, mask_shape, dtype):
     """Every implementation equals the NumPy CS231n oracle with a keep-mask; garbage in
     the masked-out entries reaches nothing, and their y and dx are exactly 0."""
-    x, g, b, dy = make_inputs(shape, axis, seed=10)
-    mask = make_mask(mask_shape, seed=11)
-    full = _full_mask(mask, shape, axis)
-    x[~full] = GARBAGE
+    (x, g, b, dy), mask, full = _oracle_case(shape, axis, mask_shape)
     np_mask = mask if mask.ndim < len(shape) else np.squeeze(mask, axis % len(shape))
     ref = np_batch_norm(*rounded((x, g, b, dy), dtype), axis=axis, mask=np_mask)
-    with x64(dtype):
-        out = value_and_vjp_each(IMPLS, *as_dtype((x, g, b, dy), dtype), mask=jnp.asarray(mask),
-                                 axis=axis)
+    (key,) = [k for k, case in MASK_CASES.items() if case == (shape, axis, mask_shape)]
+    out = _oracle_outputs(dtype)[key]
     for name, (y, grads) in out.items():
+        assert y.dtype == dtype and all(g.dtype == dtype for g in grads), name
         assert_trees_all_close((y, grads), ref, rtol=rtol_for(dtype), err_msg=f"{name} vs NumPy")
         np.testing.assert_array_equal(np.asarray(y)[~full], 0, err_msg=f"{name}: masked y")
         np.testing.assert_array_equal(np.asarray(grads[0])[~full], 0, err_msg=f"{name}: masked dx")
