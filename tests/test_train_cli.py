@@ -1,6 +1,7 @@
 """`python -m train` and its subcommands: argument parsing, output, progress bars, plots,
 and end-to-end runs on tiny configs (marked slow)."""
 
+import functools
 import io
 import json
 import os
@@ -283,9 +284,18 @@ def test_bad_settings_exit_2_with_message(tmp_path, capsys, argv, message):
     assert not os.path.exists(os.path.join(out, "metrics.json"))
 
 
+@functools.cache
+def _mlp():
+    """The (5, 8, 3) MLP of the accuracy tests (built once, shared)."""
+    return init_mlp(jax.random.key(0), (5, 8, 3))
+
+
+_train_apply = jax.jit(functools.partial(apply, norm="jaxbn", train=True))
+
+
 @pytest.mark.parametrize("n, batch", [(10, 4), (9, 4), (10, 5), (3, 8), (7, 2)])
 def test_train_mode_accuracy_counts_every_example(n, batch):
-    params, stats = init_mlp(jax.random.key(0), (5, 8, 3))
+    params, stats = _mlp()
     x = np.random.default_rng(0).normal(size=(n, 5)).astype(np.float32)
     # The documented grouping: batches of b = min(batch, n); a remainder r >= 2 is its
     # own batch; a single leftover example is normalized with the b - 1 before it.
@@ -297,7 +307,7 @@ def test_train_mode_accuracy_counts_every_example(n, batch):
     elif n - full == 1:
         groups.append((slice(n - b, n), slice(-1, None)))
     preds = np.concatenate([
-        np.asarray(apply(params, stats, x[rows], norm="jaxbn", train=True)[0]).argmax(-1)[keep]
+        np.asarray(_train_apply(params, stats, x[rows])[0]).argmax(-1)[keep]
         for rows, keep in groups])
     assert preds.shape == (n,)
     acc = loop.train_mode_accuracy(params, stats, x, preds, net="jaxbn", batch_size=batch)
