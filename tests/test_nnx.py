@@ -66,7 +66,8 @@ def _x(seed, shape, dtype=jnp.float64):
     return jnp.asarray(np.random.default_rng(seed).normal(1.5, 2.0, shape), dtype)
 
 
-def _vjp_step_traced(model, x, dy):
+@nnx.jit
+def _vjp_step(model, x, dy):
     """``(y, (d params, dx))`` of ``sum(model(x) * dy)``; the module's state is updated."""
     def loss(model, x):
         y = model(x)
@@ -77,21 +78,8 @@ def _vjp_step_traced(model, x, dy):
 
 
 @nnx.jit
-def _vjp_step_pair(flax_model, jaxbn_model, x, dy):
-    """:func:`_vjp_step_traced` of Flax's model (its warning silenced) and of jaxbn's, in one
-    compiled program: ``(want, got)``."""
-    with _flax_quiet():
-        want = _vjp_step_traced(flax_model, x, dy)
-    return want, _vjp_step_traced(jaxbn_model, x, dy)
-
-
-@nnx.jit
-def _apply_pair(flax_model, jaxbn_model, x):
-    """Both models applied to ``x`` in one compiled program (Flax's warning silenced):
-    ``(want, got)``."""
-    with _flax_quiet():
-        want = flax_model(x)
-    return want, jaxbn_model(x)
+def _apply(model, x):
+    return model(x)
 
 
 def _check_state(a, b):
@@ -104,8 +92,10 @@ def _check_state(a, b):
 def _check_steps(flax_model, jaxbn_model, shape, steps):
     """Compares ``steps`` training steps (outputs, gradients, running statistics)."""
     for step in range(steps):
-        want, got = _vjp_step_pair(flax_model, jaxbn_model, _x(10 + step, shape),
-                                   _x(20 + step, shape))
+        x, dy = _x(10 + step, shape), _x(20 + step, shape)
+        with _flax_quiet():
+            want = _vjp_step(flax_model, x, dy)
+        got = _vjp_step(jaxbn_model, x, dy)
         assert_trees_all_close(got, want, RTOL64, err_msg=f"step {step}")
         assert_trees_all_close(nnx.state(jaxbn_model), nnx.state(flax_model), RTOL64)
     _check_state(flax_model, jaxbn_model)
@@ -157,10 +147,8 @@ def test_batch_norm_train_and_eval_match_flax(shape, kw):
         a.eval()
         b.eval()
         x = _x(30, shape)
-        want, got = _apply_pair(a, b, x)
-        assert_trees_all_close(got, want, RTOL64)
-        want, got = _vjp_step_pair(a, b, x, x)
-        assert_trees_all_close(got, want, RTOL64)
+        assert_trees_all_close(_apply(b, x), _apply(a, x), RTOL64)
+        assert_trees_all_close(_vjp_step(b, x, x), _vjp_step(a, x, x), RTOL64)
 
 
 @pytest.mark.parametrize("mask_shape", [(8, 1), (1, 1)], ids=["rows", "all-kept"])
@@ -199,8 +187,8 @@ def test_per_example_norms_match_flax(name, shape, features, kw):
     with _float64():
         a, b = _pair(name, features, **_init(name), **kw)
         _check_state(a, b)
-        want, got = _vjp_step_pair(a, b, _x(1, shape), _x(2, shape))
-        assert_trees_all_close(got, want, RTOL64)
+        x, dy = _x(1, shape), _x(2, shape)
+        assert_trees_all_close(_vjp_step(b, x, dy), _vjp_step(a, x, dy), RTOL64)
 
 
 # Three cases in the fast suite, the rest marked slow.
@@ -222,13 +210,14 @@ def test_dtypes_match_flax(name, x_dtype, dtype, x64):
     with jax.enable_x64(x64), jax.numpy_dtype_promotion("standard"):
         a, b = _pair(name, *MODULES[name], dtype=dtype, **_init(name))
         x = _x(0, (6, 3, 4), x_dtype)
-        want, got = map(list, zip(_apply_pair(a, b, x), _apply_pair(a, b, x)))
+        with _flax_quiet():
+            want = [_apply(a, x), _apply(a, x)]
+        got = [_apply(b, x), _apply(b, x)]
         if name == "BatchNorm":
             a.eval()
             b.eval()
-            w, g = _apply_pair(a, b, x)
-            want.append(w)
-            got.append(g)
+            want.append(_apply(a, x))
+            got.append(_apply(b, x))
         half = jnp.bfloat16 in (x_dtype, dtype)
         for g, w in zip(got, want):
             assert g.dtype == w.dtype
