@@ -8,6 +8,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 import jaxbn
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -44,3 +46,21 @@ def test_import_jaxbn_imports_no_framework_or_optimizer():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True, cwd=ROOT)
     assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize(("module", "framework", "message"), [
+    pytest.param("jaxbn.nnx", "flax", "jaxbn.nnx needs Flax: pip install 'jaxbn[flax]'",
+                 marks=pytest.mark.slow),
+    pytest.param("jaxbn.linen", "flax", "jaxbn.linen needs Flax: pip install 'jaxbn[flax]'",
+                 marks=pytest.mark.slow),
+    ("jaxbn.equinox", "equinox", "jaxbn.equinox needs Equinox: pip install 'jaxbn[equinox]'"),
+])
+def test_missing_framework_names_the_extra(module, framework, message):
+    """Importing a framework module without its framework raises an ImportError that
+    names the extra to install (the framework's own error kept as the cause)."""
+    code = (f"import sys; sys.modules[{framework!r}] = None\n"
+            f"try:\n    import {module}\nexcept ImportError as e:\n"
+            "    print(e, '|', type(e.__cause__).__name__)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, cwd=ROOT)
+    assert out.stdout.strip() == f"{message} | ModuleNotFoundError"
