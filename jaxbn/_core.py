@@ -205,7 +205,15 @@ def moments(
         shift = _shift(lax.stop_gradient(x), stat_axes, kept, axis_name, kept_count)
         shift = shift.astype(dtype)
         x_sum, x_sq = _converted_copies(x, 2, dtype)
-        sum_shifted = jnp.sum(zero_masked(x_sum - shift, mask), stat_axes, keepdims=True)
+        if mask is None:
+            # sum(x - shift) as sums of exact blocks less block * shift (see _exact_block).
+            exact = _exact_block(x.shape, stat_axes, x.dtype)
+            block = math.prod(x.shape[a] for a in exact)
+            partial = jnp.sum(x_sum, exact, keepdims=True) - block * shift
+        else:
+            exact, partial = (), zero_masked(x_sum - shift, mask)
+        sum_shifted = jnp.sum(partial, tuple(a for a in stat_axes if a not in exact),
+                              keepdims=True)
         mean = _psum(sum_shifted, axis_name) / count
         rounded, error = _rounded_mean(shift, mean)
         sum_sq = _psum(jnp.sum(jnp.square(zero_masked(x_sq - rounded, mask)), stat_axes,
@@ -220,6 +228,28 @@ def moments(
         var = _psum(jnp.sum(jnp.square(x.astype(dtype)), stat_axes, keepdims=True),
                     axis_name) / count
     return Moments(shift, mean, var, count)
+
+
+def _exact_block(
+    shape: tuple[int, ...], stat_axes: tuple[int, ...], dtype: Any
+) -> tuple[int, ...]:
+    """The trailing ``stat_axes`` over which a constant ``dtype`` feature sums exactly.
+
+    16-bit floats are summed in float32, which has more significant bits:
+    any sum of up to ``2 ** 16`` bfloat16 values (``2 ** 13`` float16 values)
+    that are all one value is exact, in any order, as is ``block * shift``.
+    So ``sum(x) - block * shift`` over such a block is exactly 0 for a constant
+    feature, as ``sum(x - shift)`` is; XLA:CPU computes a plain ``sum(x)`` at
+    about twice the speed (YNNPACK pays for every operation fused into a
+    reduction). For float32 and float64 the block is empty (nothing is exact).
+    """
+    limit = 2 ** (jnp.finfo(compute_dtype(dtype)).nmant - jnp.finfo(dtype).nmant)
+    block: list[int] = []
+    for axis in reversed(stat_axes):
+        if math.prod(shape[a] for a in block) * shape[axis] > limit:
+            break
+        block.insert(0, axis)
+    return tuple(block)
 
 
 def _rounded_mean(shift: Array, mean: Array) -> tuple[Array, Array]:

@@ -56,6 +56,39 @@ def test_constant_feature_gives_exactly_beta(dtype, jit):
             assert np.all(np.isfinite(np.asarray(g, np.float64)))
 
 
+# 16-bit constants that use every significand bit (the hardest to sum exactly).
+FULL_SIGNIFICAND = {jnp.bfloat16: 1.9921875, jnp.float16: 1.9990234375}
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_exact_block_is_the_longest_exact_float32_sum(dtype):
+    """16-bit input sums blocks of rows as plain float32 sums (``_exact_block``): every
+    partial sum of up to 2**16 bfloat16 (2**13 float16) copies of one value is exact in
+    float32 (8 + 16 or 11 + 13 significant bits), and twice as many copies are not."""
+    from jaxbn._core import _exact_block
+
+    largest = 2 ** (jnp.finfo(jnp.float32).nmant - jnp.finfo(dtype).nmant)
+    assert _exact_block((largest,), (0,), jnp.dtype(dtype)) == (0,)
+    assert _exact_block((largest + 1,), (0,), jnp.dtype(dtype)) == ()
+    assert _exact_block((8, largest // 4, 4), (0, 1), jnp.dtype(dtype)) == (1,)
+    c = FULL_SIGNIFICAND[dtype] * 2.0 ** 10
+    sums = np.cumsum(np.full(2 * largest, c, np.float32))  # sequential float32 sums
+    exact = sums == np.arange(1, 2 * largest + 1) * c  # the float64 product is exact
+    assert exact[:largest].all() and not exact.all()
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+@pytest.mark.parametrize("shape", [(18, 64, 64, 6), (70000, 6)],
+                         ids=["several-blocks", "rows-beyond-a-block"])
+def test_constant_16_bit_feature_beyond_one_block(dtype, shape):
+    """More rows than one exact block: blocks of rows (NHWC) or the shifted sum (2-D)."""
+    constants = np.array([1000.0, -3.5, 0.1, 12.34, 0.0, FULL_SIGNIFICAND[dtype] * 1024])
+    x = jnp.asarray(np.broadcast_to(constants, shape), dtype)
+    params = jaxbn.BatchNormParams(jnp.asarray(GAMMA, dtype), jnp.asarray(BETA, dtype))
+    y = jax.jit(jaxbn.batch_norm)(params, x)
+    _exact_beta(y, params.beta)
+
+
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float64])
 def test_constant_feature_with_mask_and_nan_padding(dtype):
     """Row 0 is masked out and holds NaN: the shift comes from the first kept row."""
