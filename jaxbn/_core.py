@@ -241,12 +241,14 @@ def _exact_block(
     So ``sum(x) - block * shift`` over such a block is exactly 0 for a constant
     feature, as ``sum(x - shift)`` is; XLA:CPU computes a plain ``sum(x)`` at
     about twice the speed (YNNPACK pays for every operation fused into a
-    reduction). For float32 and float64 the block is empty (nothing is exact).
+    reduction). For float32 and float64 the block is empty (nothing is exact);
+    a symbolic size (``jax.export``) ends the block.
     """
     limit = 2 ** (jnp.finfo(compute_dtype(dtype)).nmant - jnp.finfo(dtype).nmant)
     block: list[int] = []
     for axis in reversed(stat_axes):
-        if math.prod(shape[a] for a in block) * shape[axis] > limit:
+        if (jax.export.is_symbolic_dim(shape[axis])
+                or math.prod(shape[a] for a in block) * shape[axis] > limit):
             break
         block.insert(0, axis)
     return tuple(block)

@@ -39,7 +39,8 @@ def test_exported_vjp_matches():
     assert_trees_all_close(got, jax.jit(jax.grad(loss, argnums=(0, 1)))(PARAMS, X), rtol=RTOL32)
 
 
-@pytest.mark.parametrize("case", ["batch_norm", "masked", "train", "group_norm", "rms_norm"])
+@pytest.mark.parametrize(
+    "case", ["batch_norm", "masked", "train", "group_norm", "rms_norm", "bfloat16_nhwc"])
 def test_symbolic_batch_size_exports_without_constraints(case):
     (b,) = export.symbolic_shape("b")
     fns = {
@@ -48,11 +49,14 @@ def test_symbolic_batch_size_exports_without_constraints(case):
         "train": (lambda p, x: _train(p, STATS, x), (8, 4), ()),
         "group_norm": (lambda p, x: jaxbn.group_norm(p, x, 2), (8, 3, 4), ()),
         "rms_norm": (lambda p, x: jaxbn.rms_norm(p, x), (8, 3, 4), ()),
+        # 16-bit input sums blocks of the non-symbolic axes exactly (_core._exact_block)
+        "bfloat16_nhwc": (lambda p, x: jaxbn.batch_norm(p, x), (8, 3, 2, 4), ()),
     }
     fn, shape, extra_shapes = fns[case]
-    x = jnp.asarray(np.random.default_rng(1).normal(size=shape), jnp.float32)
+    dtype = jnp.bfloat16 if case == "bfloat16_nhwc" else jnp.float32
+    x = jnp.asarray(np.random.default_rng(1).normal(size=shape), dtype)
     extra = [jnp.arange(s[0]) % 3 > 0 for s in extra_shapes]
-    specs = [jax.ShapeDtypeStruct((b, *shape[1:]), jnp.float32)] + [
+    specs = [jax.ShapeDtypeStruct((b, *shape[1:]), dtype)] + [
         jax.ShapeDtypeStruct((b, *s[1:]), jnp.bool_) for s in extra_shapes]
     exported = export.export(jax.jit(fn))(PARAMS, *specs)
     restored = export.deserialize(exported.serialize())
