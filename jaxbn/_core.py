@@ -66,11 +66,14 @@ class Moments(NamedTuple):
     """Statistics of ``x`` over ``stat_axes``, each of ``x``'s rank with size 1 there.
 
     The mean is kept in two parts, ``shift + mean``: ``shift`` is a sample of
-    the batch and ``mean`` the mean of ``x - shift``. Every loop over ``x``
-    computes ``(x - shift) - mean``; the first subtraction is exact for data
-    with a large offset (Sterbenz), so nothing is lost to it, and a constant
-    feature gives exactly zero. Without centering (RMS norm) ``shift`` and
-    ``mean`` are zeros and ``var`` is the mean square.
+    the batch and ``mean`` the mean of ``x - shift`` (for 16-bit input summed
+    as exact blocks of ``x`` less ``block * shift``, see :func:`_exact_block`).
+    The output and ``dx`` loops compute ``(x - shift) - mean``; the first
+    subtraction is exact for data with a large offset (Sterbenz), so nothing
+    is lost to it, and a constant feature gives exactly zero. The variance and
+    gradient reductions subtract the rounded ``shift + mean`` once and correct
+    for its rounding (:func:`_rounded_mean`). Without centering (RMS norm)
+    ``shift`` and ``mean`` are zeros and ``var`` is the mean square.
     """
 
     shift: Array  # a kept entry of x per statistics group, the same on every device

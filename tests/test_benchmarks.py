@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
+import jaxbn
 from benchmarks import common, impls, models, run
 
 IMPLS = {"jaxbn", "staged", "autodiff"}
@@ -289,3 +290,17 @@ def test_models_quick_runs_default_to_the_git_ignored_directory():
     assert models.parse_args([]).out == run.RESULTS_DIR
     assert models.parse_args(["--quick"]).out == run.QUICK_DIR
     assert len({m.name for m in models.MODELS if m.kind == "cnn"}) >= 3
+
+
+def test_revisions_loads_a_git_revision_beside_this_checkout(tmp_path):
+    """`python -m benchmarks revisions REV`: jaxbn at REV imports under its own name, and
+    its batch norm runs next to this checkout's (HEAD's core computes what ours does, up to
+    whatever is being changed in the working tree)."""
+    from benchmarks import revisions
+
+    old = revisions.load_revision("HEAD", tmp_path)
+    assert old.__name__ == "jaxbn_at_HEAD" and old is not jaxbn
+    assert old.batch_norm.__module__.startswith("jaxbn_at_HEAD.")
+    x = jax.random.normal(jax.random.key(0), (16, 4))
+    assert jnp.allclose(old.batch_norm(old.init(4), x), jaxbn.batch_norm(jaxbn.init(4), x),
+                        rtol=1e-5, atol=1e-6)

@@ -1,0 +1,111 @@
+"""``python -m benchmarks revisions REV``: this checkout's batch norm against the one at
+git revision ``REV``, in the same process.
+
+``jaxbn/`` at ``REV`` is extracted with ``git archive`` into a temporary
+directory and imported under another name (``jaxbn_at_REV``). For every
+benchmark shape (:data:`benchmarks.run.ND_SHAPES` and ``CONV_SHAPES``) and
+dtype, the jitted forward+backward of ``batch_norm`` is timed round-robin for
+three programs: ``REV``, ``REV`` compiled a second time (an A/A control: the
+spread between two identical programs is the noise of the measurement), and
+this checkout. Each gets the median of its calls; the table gives both as
+ratios to the first ``REV`` program, with geometric means.
+
+Prints a Markdown table; nothing is written. About 2 minutes per dtype.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import io
+import math
+import re
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+from types import ModuleType
+
+from benchmarks.common import positive_float, time_interleaved
+from benchmarks.run import CONV_SHAPES, ND_SHAPES, ROOT
+
+
+def load_revision(rev: str, into: Path) -> ModuleType:
+    """``jaxbn`` as of git revision ``rev``, imported as ``jaxbn_at_<rev>`` from ``into``."""
+    name = "jaxbn_at_" + re.sub(r"\W", "_", rev)
+    archive = subprocess.run(["git", "archive", rev, "jaxbn"], cwd=ROOT, check=True,
+                             capture_output=True).stdout
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        for member in tar.getmembers():
+            if member.isfile() and member.name.endswith(".py"):
+                source = tar.extractfile(member).read().decode()
+                target = into / name / Path(member.name).relative_to("jaxbn")
+                target.parent.mkdir(parents=True, exist_ok=True)
+                # Imports and jax.export serialization names, so both versions load side by side.
+                target.write_text(re.sub(r"\bjaxbn\b", name, source))
+    sys.path.insert(0, str(into))
+    return importlib.import_module(name)
+
+
+def _step(module: ModuleType, shape: tuple[int, ...], dtype):
+    import jax
+
+    x = (jax.random.normal(jax.random.key(0), shape) * 3 + 1).astype(dtype)
+    dy = jax.random.normal(jax.random.key(1), shape).astype(dtype)
+    params = module.init(shape[-1])
+    # A new function object per program, so that jit's trace cache is not shared.
+    step = jax.jit(lambda p, x, dy: jax.vjp(module.batch_norm, p, x)[1](dy))
+    compiled = step.lower(params, x, dy).compile()
+    return lambda: compiled(params, x, dy)
+
+
+def compare(rev: str, dtypes: list[str], budget_s: float) -> list[str]:
+    import jax
+    import jax.numpy as jnp
+
+    import jaxbn
+
+    with tempfile.TemporaryDirectory() as tmp:
+        old = load_revision(rev, Path(tmp))
+        lines = [f"Forward+backward time relative to `{rev}` (same-run medians; "
+                 f"`{rev}` again: the same program compiled twice).", "",
+                 "| dtype | shape | " + f"`{rev}` again | this checkout | rounds |",
+                 "|---|---|---:|---:|---:|"]
+        for dtype_name in dtypes:
+            logs: dict[str, list[float]] = {"again": [], "now": []}
+            for shape in ND_SHAPES + CONV_SHAPES:
+                dtype = jnp.dtype(dtype_name)
+                calls = {"rev": _step(old, shape, dtype), "again": _step(old, shape, dtype),
+                         "now": _step(jaxbn, shape, dtype)}
+                start = time.perf_counter()
+                jax.block_until_ready(calls["now"]())
+                once = max(time.perf_counter() - start, 1e-5)
+                repeats = max(30, min(300, int(budget_s / once / len(calls))))
+                t = time_interleaved(calls, repeats)
+                ratios = {k: t[k] / t["rev"] for k in logs}
+                for k in logs:
+                    logs[k].append(math.log(ratios[k]))
+                shape_text = "x".join(map(str, shape))
+                lines.append(f"| {dtype_name} | {shape_text} | {ratios['again']:.3f} | "
+                             f"{ratios['now']:.3f} | {repeats} |")
+                print(lines[-1], flush=True)
+            means = {k: math.exp(sum(v) / len(v)) for k, v in logs.items()}
+            lines.append(f"| {dtype_name} | **geomean** | **{means['again']:.3f}** | "
+                         f"**{means['now']:.3f}** | |")
+            print(lines[-1], flush=True)
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks revisions",
+                                     description=__doc__.split("\n\n")[0])
+    parser.add_argument("rev", help="a git revision, e.g. bb6b340 (the pre-shift core)")
+    parser.add_argument("--dtype", nargs="+", default=["float32", "bfloat16"],
+                        choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--budget", type=positive_float, default=8.0,
+                        help="seconds of timed calls per shape (default 8; at least 30 rounds)")
+    args = parser.parse_args(argv)
+    print("\n".join(compare(args.rev, args.dtype, args.budget)))
+    return 0
