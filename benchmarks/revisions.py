@@ -4,7 +4,8 @@ git revision ``REV``, in the same process.
 ``jaxbn/`` at ``REV`` is extracted with ``git archive`` into a temporary
 directory and imported under another name (``jaxbn_at_REV``). For every
 benchmark shape (:data:`benchmarks.run.ND_SHAPES` and ``CONV_SHAPES``) and
-dtype, the jitted forward+backward of ``batch_norm`` is timed round-robin for
+dtype, the jitted forward+backward of ``batch_norm`` (``--forward``: the
+forward pass alone) is timed round-robin for
 three programs: ``REV``, ``REV`` compiled a second time (an A/A control: the
 spread between two identical programs is the noise of the measurement), and
 this checkout. Each gets the median of its calls; the table gives both as
@@ -49,19 +50,22 @@ def load_revision(rev: str, into: Path) -> ModuleType:
     return importlib.import_module(name)
 
 
-def _step(module: ModuleType, shape: tuple[int, ...], dtype):
+def _step(module: ModuleType, shape: tuple[int, ...], dtype, forward: bool):
     import jax
 
     x = (jax.random.normal(jax.random.key(0), shape) * 3 + 1).astype(dtype)
     dy = jax.random.normal(jax.random.key(1), shape).astype(dtype)
     params = module.init(shape[-1])
     # A new function object per program, so that jit's trace cache is not shared.
-    step = jax.jit(lambda p, x, dy: jax.vjp(module.batch_norm, p, x)[1](dy))
+    if forward:
+        step = jax.jit(lambda p, x, dy: module.batch_norm(p, x))
+    else:
+        step = jax.jit(lambda p, x, dy: jax.vjp(module.batch_norm, p, x)[1](dy))
     compiled = step.lower(params, x, dy).compile()
     return lambda: compiled(params, x, dy)
 
 
-def compare(rev: str, dtypes: list[str], budget_s: float) -> list[str]:
+def compare(rev: str, dtypes: list[str], budget_s: float, forward: bool = False) -> list[str]:
     import jax
     import jax.numpy as jnp
 
@@ -69,7 +73,8 @@ def compare(rev: str, dtypes: list[str], budget_s: float) -> list[str]:
 
     with tempfile.TemporaryDirectory() as tmp:
         old = load_revision(rev, Path(tmp))
-        lines = [f"Forward+backward time relative to `{rev}` (same-run medians; "
+        what = "Forward" if forward else "Forward+backward"
+        lines = [f"{what} time relative to `{rev}` (same-run medians; "
                  f"`{rev}` again: the same program compiled twice).", "",
                  "| dtype | shape | " + f"`{rev}` again | this checkout | rounds |",
                  "|---|---|---:|---:|---:|"]
@@ -77,8 +82,8 @@ def compare(rev: str, dtypes: list[str], budget_s: float) -> list[str]:
             logs: dict[str, list[float]] = {"again": [], "now": []}
             for shape in ND_SHAPES + CONV_SHAPES:
                 dtype = jnp.dtype(dtype_name)
-                calls = {"rev": _step(old, shape, dtype), "again": _step(old, shape, dtype),
-                         "now": _step(jaxbn, shape, dtype)}
+                calls = {name: _step(module, shape, dtype, forward)
+                         for name, module in (("rev", old), ("again", old), ("now", jaxbn))}
                 start = time.perf_counter()
                 jax.block_until_ready(calls["now"]())
                 once = max(time.perf_counter() - start, 1e-5)
@@ -106,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
                         choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--budget", type=positive_float, default=8.0,
                         help="seconds of timed calls per shape (default 8; at least 30 rounds)")
+    parser.add_argument("--forward", action="store_true", help="time the forward pass alone")
     args = parser.parse_args(argv)
-    print("\n".join(compare(args.rev, args.dtype, args.budget)))
+    print("\n".join(compare(args.rev, args.dtype, args.budget, args.forward)))
     return 0
