@@ -260,6 +260,52 @@ def numerics_tables():
           header=("implementation", "M = 1e4", "M = 1e6", "M = 1e7"))
 
 
+def constant_tables():
+    """Constant features in every dtype: max |y - beta| eagerly, under jit, with a mask
+    (row 0 NaN padding), across 8 devices with ``axis_name``, and (16-bit) with more rows
+    than one exact block (18x64x64 NHWC rows, summed in blocks of 64x64)."""
+    constants = np.array([1e3, 12345.678, -3.5, 0.1, 0.0, 2040.0])
+    mesh = jax.make_mesh((_env.DEVICE_COUNT,), ("b",))
+    rows = []
+    for dtype in (jnp.float32, jnp.bfloat16, jnp.float16, jnp.float64):
+        with x64(dtype):
+            p = jaxbn.BatchNormParams(jnp.linspace(0.5, 2, 6, dtype=dtype),
+                                      jnp.linspace(-1, 1, 6, dtype=dtype))
+            x = jnp.asarray(np.broadcast_to(constants, (1000, 6)), dtype)
+            mask = jnp.asarray(np.arange(1000) % 3 > 0)  # row 0 masked out
+            padded = x.at[0].set(jnp.nan)
+
+            def error(y, keep=None):
+                y = np.asarray(y, np.float64)
+                y = y if keep is None else y[np.asarray(keep)]
+                return float(np.max(np.abs(y - np.asarray(p.beta, np.float64))))
+
+            def vjp(p, x):
+                y, back = jax.vjp(jaxbn.batch_norm, p, x)
+                return y, back(jnp.ones_like(y))[1]
+
+            y_jit, dx = jax.jit(vjp)(p, x)
+            sharded = jax.jit(jax.shard_map(
+                lambda p, x, m: jaxbn.batch_norm(p, x, axis_name="b", mask=m), mesh=mesh,
+                in_specs=(P(), P("b"), P("b")), out_specs=P("b")))
+            shard = NamedSharding(mesh, P("b"))
+            cells = [error(jaxbn.batch_norm(p, x)), error(y_jit),
+                     str(bool(np.all(np.isfinite(np.asarray(dx, np.float64))))),
+                     error(jax.jit(lambda p, x, m: jaxbn.batch_norm(p, x, mask=m))(
+                         p, padded, mask), mask),
+                     error(sharded(p, jax.device_put(padded, shard),
+                                   jax.device_put(mask, shard)), mask)]
+            if jnp.dtype(dtype).itemsize == 2:
+                nhwc = jnp.asarray(np.broadcast_to(constants, (18, 64, 64, 6)), dtype)
+                cells.append(error(jax.jit(jaxbn.batch_norm)(p, nhwc)))
+            else:
+                cells.append("-")
+            rows.append((jnp.dtype(dtype).name, *cells))
+    table("constant features (1e3, 12345.678, -3.5, 0.1, 0, 2040), N = 1000: max |y - beta|",
+          rows, header=("dtype", "eager", "jit", "jit: dx finite", "mask, row 0 NaN",
+                        f"{_env.DEVICE_COUNT} devices, mask", "73,728 rows (16-bit)"))
+
+
 def rms_norm_tables():
     """rms_norm (float64) against autodiff of the naive form and torch.nn.functional.rms_norm."""
     import torch
@@ -292,4 +338,5 @@ if __name__ == "__main__":
     mask_tables()
     multidevice_tables()
     numerics_tables()
+    constant_tables()
     rms_norm_tables()
