@@ -11,7 +11,7 @@ spread between two identical programs is the noise of the measurement), and
 this checkout. Each gets the median of its calls; the table gives both as
 ratios to the first ``REV`` program, with geometric means.
 
-Prints a Markdown table; nothing is written. About 2 minutes per dtype.
+Prints a Markdown table; nothing is written. About a minute per dtype.
 """
 
 from __future__ import annotations
@@ -34,8 +34,15 @@ from benchmarks.run import CONV_SHAPES, ND_SHAPES, ROOT
 
 
 def load_revision(rev: str, into: Path) -> ModuleType:
-    """``jaxbn`` as of git revision ``rev``, imported as ``jaxbn_at_<rev>`` from ``into``."""
+    """``jaxbn`` as of git revision ``rev``, imported as ``jaxbn_at_<rev>`` from ``into``.
+
+    ``into`` is on ``sys.path`` only while the package and the submodules it
+    imports load. A revision loads once per process (its types are registered
+    with ``jax.export`` under their names): a second call returns the first module.
+    """
     name = "jaxbn_at_" + re.sub(r"\W", "_", rev)
+    if name in sys.modules:
+        return sys.modules[name]
     archive = subprocess.run(["git", "archive", rev, "jaxbn"], cwd=ROOT, check=True,
                              capture_output=True).stdout
     with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
@@ -47,7 +54,10 @@ def load_revision(rev: str, into: Path) -> ModuleType:
                 # Imports and jax.export serialization names, so both versions load side by side.
                 target.write_text(re.sub(r"\bjaxbn\b", name, source))
     sys.path.insert(0, str(into))
-    return importlib.import_module(name)
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(str(into))
 
 
 def _step(module: ModuleType, shape: tuple[int, ...], dtype, forward: bool):

@@ -208,13 +208,15 @@ def moments(
         shift = _shift(lax.stop_gradient(x), stat_axes, kept, axis_name, kept_count)
         shift = shift.astype(dtype)
         x_sum, x_sq = _converted_copies(x, 2, dtype)
-        if mask is None:
-            # sum(x - shift) as sums of exact blocks less block * shift (see _exact_block).
-            exact = _exact_block(x.shape, stat_axes, x.dtype)
-            block = math.prod(x.shape[a] for a in exact)
-            partial = jnp.sum(x_sum, exact, keepdims=True) - block * shift
+        exact = () if mask is not None else _exact_block(x.shape, stat_axes, x.dtype)
+        if exact:
+            # sum(x - shift) as sums of exact blocks less block * shift (see _exact_block);
+            # equal also when both overflowed (a constant bfloat16 beyond 3.4e38 / block).
+            block_sum = jnp.sum(x_sum, exact, keepdims=True)
+            block_shift = math.prod(x.shape[a] for a in exact) * shift
+            partial = jnp.where(block_sum == block_shift, 0, block_sum - block_shift)
         else:
-            exact, partial = (), zero_masked(x_sum - shift, mask)
+            partial = zero_masked(x_sum - shift, mask)
         sum_shifted = jnp.sum(partial, tuple(a for a in stat_axes if a not in exact),
                               keepdims=True)
         mean = _psum(sum_shifted, axis_name) / count
@@ -244,9 +246,13 @@ def _exact_block(
     So ``sum(x) - block * shift`` over such a block is exactly 0 for a constant
     feature, as ``sum(x - shift)`` is; XLA:CPU computes a plain ``sum(x)`` at
     about twice the speed (YNNPACK pays for every operation fused into a
-    reduction). For float32 and float64 the block is empty (nothing is exact);
-    a symbolic size (``jax.export``) ends the block.
+    reduction). The block's sum may overflow float32 where ``x - shift``
+    would not (a bfloat16 value beyond ``3.4e38 / block``); the caller treats
+    equal overflows of both as 0. For input reduced in its own dtype (float32,
+    float64) the block is empty; a symbolic size (``jax.export``) ends it.
     """
+    if compute_dtype(dtype) == dtype:
+        return ()
     limit = 2 ** (jnp.finfo(compute_dtype(dtype)).nmant - jnp.finfo(dtype).nmant)
     block: list[int] = []
     for axis in reversed(stat_axes):

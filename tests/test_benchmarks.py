@@ -298,7 +298,10 @@ def test_revisions_loads_a_git_revision_beside_this_checkout(tmp_path):
     whatever is being changed in the working tree)."""
     from benchmarks import revisions
 
+    path = list(sys.path)
     old = revisions.load_revision("HEAD", tmp_path)
+    assert sys.path == path
+    assert revisions.load_revision("HEAD", tmp_path / "again") is old
     assert old.__name__ == "jaxbn_at_HEAD" and old is not jaxbn
     assert old.batch_norm.__module__.startswith("jaxbn_at_HEAD.")
     x = jax.random.normal(jax.random.key(0), (16, 4))

@@ -71,6 +71,7 @@ def test_exact_block_is_the_longest_exact_float32_sum(dtype):
     assert _exact_block((largest,), (0,), jnp.dtype(dtype)) == (0,)
     assert _exact_block((largest + 1,), (0,), jnp.dtype(dtype)) == ()
     assert _exact_block((8, largest // 4, 4), (0, 1), jnp.dtype(dtype)) == (1,)
+    assert _exact_block((8, 1, 1, 4), (0, 1, 2), jnp.dtype(jnp.float32)) == ()  # own dtype
     c = FULL_SIGNIFICAND[dtype] * 2.0 ** 10
     sums = np.cumsum(np.full(2 * largest, c, np.float32))  # sequential float32 sums
     exact = sums == np.arange(1, 2 * largest + 1) * c  # the float64 product is exact
@@ -81,12 +82,21 @@ def test_exact_block_is_the_longest_exact_float32_sum(dtype):
 @pytest.mark.parametrize("shape", [(18, 64, 64, 6), (70000, 6)],
                          ids=["several-blocks", "rows-beyond-a-block"])
 def test_constant_16_bit_feature_beyond_one_block(dtype, shape):
-    """More rows than one exact block: blocks of rows (NHWC) or the shifted sum (2-D)."""
-    constants = np.array([1000.0, -3.5, 0.1, 12.34, 0.0, FULL_SIGNIFICAND[dtype] * 1024])
+    """More rows than one exact block: blocks of rows (NHWC) or the shifted sum (2-D).
+    The largest finite values overflow a float32 block sum (bfloat16), and still give beta."""
+    largest = float(jnp.finfo(dtype).max)
+    constants = np.array([1000.0, -largest, 0.1, largest, 0.0, FULL_SIGNIFICAND[dtype] * 1024])
     x = jnp.asarray(np.broadcast_to(constants, shape), dtype)
     params = jaxbn.BatchNormParams(jnp.asarray(GAMMA, dtype), jnp.asarray(BETA, dtype))
-    y = jax.jit(jaxbn.batch_norm)(params, x)
+
+    @jax.jit
+    def run(params, x):
+        y, vjp = jax.vjp(jaxbn.batch_norm, params, x)
+        return y, vjp(jnp.ones_like(y))[1]
+
+    y, dx = run(params, x)
     _exact_beta(y, params.beta)
+    assert np.all(np.isfinite(np.asarray(dx, np.float32)))
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float64])
