@@ -4,12 +4,13 @@ git revision ``REV``, in the same process.
 ``jaxbn/`` at ``REV`` is extracted with ``git archive`` into a temporary
 directory and imported under another name (``jaxbn_at_REV``). For every
 benchmark shape (:data:`benchmarks.run.ND_SHAPES` and ``CONV_SHAPES``) and
-dtype, the jitted forward+backward of ``batch_norm`` (``--forward``: the
-forward pass alone) is timed round-robin for
-three programs: ``REV``, ``REV`` compiled a second time (an A/A control: the
-spread between two identical programs is the noise of the measurement), and
-this checkout. Each gets the median of its calls; the table gives both as
-ratios to the first ``REV`` program, with geometric means.
+dtype, the jitted forward+backward of ``batch_norm`` on the layer
+benchmark's inputs and step (:mod:`benchmarks.impls`; ``--forward``: the
+forward pass alone) is timed round-robin for three programs: ``REV``,
+``REV`` compiled a second time (an A/A control: the spread between two
+identical programs is the noise of the measurement), and this checkout.
+Each gets the median of its calls; the table gives both as ratios to the
+first ``REV`` program, with geometric means.
 
 Prints a Markdown table; nothing is written. About a minute per dtype.
 """
@@ -17,6 +18,7 @@ Prints a Markdown table; nothing is written. About a minute per dtype.
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import io
 import math
@@ -25,12 +27,12 @@ import subprocess
 import sys
 import tarfile
 import tempfile
-import time
 from pathlib import Path
 from types import ModuleType
 
-from benchmarks.common import positive_float, time_interleaved
-from benchmarks.run import CONV_SHAPES, ND_SHAPES, ROOT
+from benchmarks import impls
+from benchmarks.common import positive_float
+from benchmarks.run import CONV_SHAPES, ND_SHAPES, ROOT, _interleaved
 
 
 def load_revision(rev: str, into: Path) -> ModuleType:
@@ -61,55 +63,43 @@ def load_revision(rev: str, into: Path) -> ModuleType:
 
 
 def _step(module: ModuleType, shape: tuple[int, ...], dtype, forward: bool):
+    """The compiled step of ``module.batch_norm`` on the benchmark inputs, as a call."""
     import jax
 
-    x = (jax.random.normal(jax.random.key(0), shape) * 3 + 1).astype(dtype)
-    dy = jax.random.normal(jax.random.key(1), shape).astype(dtype)
-    params = module.init(shape[-1])
+    args = impls.make_inputs(shape, dtype)
+    apply = impls.functional(module.batch_norm)
     # A new function object per program, so that jit's trace cache is not shared.
-    if forward:
-        step = jax.jit(lambda p, x, dy: module.batch_norm(p, x))
-    else:
-        step = jax.jit(lambda p, x, dy: jax.vjp(module.batch_norm, p, x)[1](dy))
-    compiled = step.lower(params, x, dy).compile()
-    return lambda: compiled(params, x, dy)
+    step = (lambda x, gamma, beta, dy: apply(x, gamma, beta)) if forward else impls.fwd_bwd(apply)
+    return functools.partial(jax.jit(step).lower(*args).compile(), *args)
 
 
 def compare(rev: str, dtypes: list[str], budget_s: float, forward: bool = False) -> list[str]:
-    import jax
-    import jax.numpy as jnp
-
     import jaxbn
 
     with tempfile.TemporaryDirectory() as tmp:
         old = load_revision(rev, Path(tmp))
-        what = "Forward" if forward else "Forward+backward"
-        lines = [f"{what} time relative to `{rev}` (same-run medians; "
-                 f"`{rev}` again: the same program compiled twice).", "",
-                 "| dtype | shape | " + f"`{rev}` again | this checkout | rounds |",
-                 "|---|---|---:|---:|---:|"]
-        for dtype_name in dtypes:
-            logs: dict[str, list[float]] = {"again": [], "now": []}
-            for shape in ND_SHAPES + CONV_SHAPES:
-                dtype = jnp.dtype(dtype_name)
-                calls = {name: _step(module, shape, dtype, forward)
-                         for name, module in (("rev", old), ("again", old), ("now", jaxbn))}
-                start = time.perf_counter()
-                jax.block_until_ready(calls["now"]())
-                once = max(time.perf_counter() - start, 1e-5)
-                repeats = max(30, min(300, int(budget_s / once / len(calls))))
-                t = time_interleaved(calls, repeats)
-                ratios = {k: t[k] / t["rev"] for k in logs}
-                for k in logs:
-                    logs[k].append(math.log(ratios[k]))
-                shape_text = "x".join(map(str, shape))
-                lines.append(f"| {dtype_name} | {shape_text} | {ratios['again']:.3f} | "
-                             f"{ratios['now']:.3f} | {repeats} |")
-                print(lines[-1], flush=True)
-            means = {k: math.exp(sum(v) / len(v)) for k, v in logs.items()}
-            lines.append(f"| {dtype_name} | **geomean** | **{means['again']:.3f}** | "
-                         f"**{means['now']:.3f}** | |")
+    what = "Forward" if forward else "Forward+backward"
+    lines = [f"{what} time relative to `{rev}` (same-run medians; "
+             f"`{rev}` again: the same program compiled twice).", "",
+             "| dtype | shape | " + f"`{rev}` again | this checkout | rounds |",
+             "|---|---|---:|---:|---:|"]
+    for dtype_name in dtypes:
+        logs: dict[str, list[float]] = {"again": [], "now": []}
+        for shape in ND_SHAPES + CONV_SHAPES:
+            calls = {name: _step(module, shape, dtype_name, forward)
+                     for name, module in (("rev", old), ("again", old), ("now", jaxbn))}
+            t, repeats = _interleaved(calls, budget_s, min_repeats=30, max_repeats=300)
+            ratios = {k: t[k] / t["rev"] for k in logs}
+            for k in logs:
+                logs[k].append(math.log(ratios[k]))
+            shape_text = "x".join(map(str, shape))
+            lines.append(f"| {dtype_name} | {shape_text} | {ratios['again']:.3f} | "
+                         f"{ratios['now']:.3f} | {repeats} |")
             print(lines[-1], flush=True)
+        means = {k: math.exp(sum(v) / len(v)) for k, v in logs.items()}
+        lines.append(f"| {dtype_name} | **geomean** | **{means['again']:.3f}** | "
+                     f"**{means['now']:.3f}** | |")
+        print(lines[-1], flush=True)
     return lines
 
 
