@@ -68,11 +68,11 @@ class Moments(NamedTuple):
     The mean is kept in two parts, ``shift + mean``: ``shift`` is a sample of
     the batch and ``mean`` the mean of ``x - shift`` (for 16-bit input summed
     as exact blocks of ``x`` less ``block * shift``, see :func:`_exact_block`).
-    The output and ``dx`` loops compute ``(x - shift) - mean``; the first
-    subtraction is exact for data with a large offset (Sterbenz), so nothing
-    is lost to it, and a constant feature gives exactly zero. The variance and
-    gradient reductions subtract the rounded ``shift + mean`` once and correct
-    for its rounding (:func:`_rounded_mean`). Without centering (RMS norm)
+    The ``dx`` loop computes ``(x - shift) - mean``; the first subtraction is
+    exact for data with a large offset (Sterbenz), so nothing is lost to it,
+    and a constant feature gives exactly zero. The output loop and the variance
+    and gradient reductions subtract the rounded ``shift + mean`` once and
+    correct for its rounding per group (:func:`_rounded_mean`). Without centering (RMS norm)
     ``shift`` and ``mean`` are zeros and ``var`` is the mean square.
     """
 
@@ -193,15 +193,19 @@ def moments(
       1, so an all-masked group gives mean 0 and variance 0 (not NaN).
     """
     dtype = compute_dtype(x.dtype)
+    stat_shape = tuple(1 if i in stat_axes else n for i, n in enumerate(x.shape))
     if mask is None:
         kept = None
         local_count = math.prod(x.shape[a] for a in stat_axes)
-        count = kept_count = jnp.full((1,) * x.ndim, _psum(local_count, axis_name), dtype)
+        # One count per statistics group, hidden from XLA: ``sum / count`` then stays a
+        # division, computed once per group (see _std), where ``sum * (1/N)`` would be
+        # recomputed, with the block guard, in every loop that uses the mean.
+        count = kept_count = lax.optimization_barrier(
+            jnp.full(stat_shape, _psum(local_count, axis_name), dtype))
     else:
         kept = jnp.broadcast_to(mask, _masked_shape(x.shape, stat_axes, mask.shape))
         kept_count = _psum(jnp.sum(kept, stat_axes, keepdims=True, dtype=dtype), axis_name)
         count = jnp.maximum(kept_count, 1)
-    stat_shape = tuple(1 if i in stat_axes else n for i, n in enumerate(x.shape))
     if center:
         # The shift cancels out of every result, so no derivative flows through it
         # (pmax, which picks it across devices, has none).
@@ -266,9 +270,9 @@ def _exact_block(
 def _rounded_mean(shift: Array, mean: Array) -> tuple[Array, Array]:
     """``shift + mean`` rounded to the working precision, and what the rounding lost.
 
-    The reductions subtract the one rounded value (one operation per element)
-    instead of ``shift`` and then ``mean``, and correct their sums for the
-    error afterwards, per feature: XLA:CPU's reductions pay for every
+    The reductions and the output loop subtract the one rounded value (one
+    operation per element) instead of ``shift`` and then ``mean``, and correct
+    their results for the error per feature: XLA:CPU's loops pay for every
     elementwise operation fused into them. ``shift - rounded`` is exact when the
     offset dominates the spread (Sterbenz), so the error is exact then too.
     """
@@ -374,8 +378,14 @@ def _normalize_fwd(
     stats = moments(clean, stat_axes, mask, axis_name, center=center)
     std = _std(stats.var, eps)
     scale = _over_std(gamma, std)
-    shift, mean = _distinct((stats.shift, stats.mean))
-    y = _centered(clean.astype(dtype), shift, mean, center) * scale
+    if center:
+        # (x - shift - mean) * scale = (x - rounded) * scale - error * scale, the second
+        # term once per group (a division, see _std): one subtraction per element.
+        rounded, error = _distinct(_rounded_mean(stats.shift, stats.mean))
+        correction = _over_std(error if gamma is None else error * gamma.astype(dtype), std)
+        y = (clean.astype(dtype) - rounded) * scale - correction
+    else:
+        y = clean.astype(dtype) * scale
     if beta is not None:
         y = y + beta.astype(dtype)
     return zero_masked(y, mask).astype(x.dtype), (x, stats, std, gamma, beta, mask)
