@@ -68,11 +68,11 @@ class Moments(NamedTuple):
     The mean is kept in two parts, ``shift + mean``: ``shift`` is a sample of
     the batch and ``mean`` the mean of ``x - shift`` (for 16-bit input summed
     as exact blocks of ``x`` less ``block * shift``, see :func:`_exact_block`).
-    The ``dx`` loop computes ``(x - shift) - mean``; the first subtraction is
+    The loops over ``x`` subtract the rounded ``shift + mean`` once and correct
+    for its rounding per group (:func:`_rounded_mean`); layer and group norm's
+    ``dx`` loop computes ``(x - shift) - mean``. Either first subtraction is
     exact for data with a large offset (Sterbenz), so nothing is lost to it,
-    and a constant feature gives exactly zero. The output loop and the variance
-    and gradient reductions subtract the rounded ``shift + mean`` once and
-    correct for its rounding per group (:func:`_rounded_mean`). Without centering (RMS norm)
+    and a constant feature gives exactly zero. Without centering (RMS norm)
     ``shift`` and ``mean`` are zeros and ``var`` is the mean square.
     """
 
@@ -270,13 +270,15 @@ def _exact_block(
 def _rounded_mean(shift: Array, mean: Array) -> tuple[Array, Array]:
     """``shift + mean`` rounded to the working precision, and what the rounding lost.
 
-    The reductions and the output loop subtract the one rounded value (one
-    operation per element) instead of ``shift`` and then ``mean``, and correct
-    their results for the error per feature: XLA:CPU's loops pay for every
-    elementwise operation fused into them. ``shift - rounded`` is exact when the
-    offset dominates the spread (Sterbenz), so the error is exact then too.
+    The loops over ``x`` subtract the one rounded value (one operation per
+    element) instead of ``shift`` and then ``mean``, and correct their results
+    for the error per feature: XLA:CPU's loops pay for every elementwise
+    operation fused into them. The rounded value is computed once per group
+    (:func:`_per_group`), so no loop slices the shift out of ``x`` per element.
+    ``shift - rounded`` is exact when the offset dominates the spread
+    (Sterbenz), so the error is exact then too.
     """
-    rounded = shift + mean
+    rounded = _per_group(shift + mean)
     return rounded, (shift - rounded) + mean
 
 
@@ -303,6 +305,18 @@ def _distinct(value: Any, copies: int = 1) -> Any:
     # Note: XLA merges identical barriers, so two calls with the same value
     # and count give the same copies; callers barrier distinct tuples.
     return lax.optimization_barrier((value,) * copies)
+
+
+def _per_group(value: Array) -> Array:
+    """``value``, computed once per statistics group (``value / 1``, the 1 hidden from XLA).
+
+    XLA:CPU fuses cheap operations on per-group values (the slice of ``x``
+    that is the shift, an addition) into every loop over ``x``'s elements that
+    uses them and recomputes them for each element; with a slice of ``x`` in
+    it, the ``dx`` loop took twice as long. A division is computed once,
+    before the loop (see :func:`_std`), and dividing by one is exact.
+    """
+    return value / lax.optimization_barrier(jnp.ones(value.shape, value.dtype))
 
 
 def _converted_copies(x: Array, uses: int, dtype: Any) -> tuple[Array, ...]:
@@ -381,13 +395,17 @@ def _normalize_fwd(
     if center:
         # (x - shift - mean) * scale = (x - rounded) * scale - error * scale, the second
         # term once per group (a division, see _std): one subtraction per element.
+        # With beta per group (batch norm), beta - error * scale is computed once per group.
         rounded, error = _distinct(_rounded_mean(stats.shift, stats.mean))
         correction = _over_std(error if gamma is None else error * gamma.astype(dtype), std)
-        y = (clean.astype(dtype) - rounded) * scale - correction
+        offset = -correction if beta is None else beta.astype(dtype) - correction
+        if offset.shape == std.shape:
+            offset = _per_group(offset)
+        y = (clean.astype(dtype) - rounded) * scale + offset
     else:
         y = clean.astype(dtype) * scale
-    if beta is not None:
-        y = y + beta.astype(dtype)
+        if beta is not None:
+            y = y + beta.astype(dtype)
     return zero_masked(y, mask).astype(x.dtype), (x, stats, std, gamma, beta, mask)
 
 
@@ -430,14 +448,18 @@ def _batch_norm_bwd(
         sum_dy_centered = sum_dy_centered - error * sum_dy
     sum_dy_xhat = sum_dy_centered / std
     global_dy, global_dy_xhat = _psum((sum_dy, sum_dy_xhat), axis_name)
-    # dx = a * dy - b * (x - shift - mean) - c, each coefficient one division per
-    # feature (see _std): a = gamma / std, b = a * s2 / (N * std), c = a * s1 / N.
+    # dx = a * dy - b * (x - shift - mean) - c = a * dy - b * (x - rounded) - (c - b * error),
+    # each coefficient one division per feature (see _std):
+    # a = gamma / std, b = a * s2 / (N * std), c = a * s1 / N.
     g = jnp.ones((), dtype) if gamma is None else gamma.astype(dtype)
     count = stats.num_kept
-    centered_dx = _centered(x_dx.astype(dtype), shift_dx, mean_dx, center)
-    dx = _over_std(gamma, std) * dy_dx - centered_dx * (g * global_dy_xhat / (count * std * std))
+    x_dx = x_dx.astype(dtype)
     if center:
-        dx = dx - g * global_dy / (count * std)
+        rounded, error = _rounded_mean(shift_dx, mean_dx)
+        x_dx = x_dx - rounded
+    dx = _over_std(gamma, std) * dy_dx - x_dx * (g * global_dy_xhat / (count * std * std))
+    if center:
+        dx = dx - g * (global_dy - global_dy_xhat * error / std) / (count * std)
     return dx, sum_dy_xhat, sum_dy
 
 
