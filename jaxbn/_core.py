@@ -68,11 +68,12 @@ class Moments(NamedTuple):
     The mean is kept in two parts, ``shift + mean``: ``shift`` is a sample of
     the batch and ``mean`` the mean of ``x - shift`` (for 16-bit input summed
     as exact blocks of ``x`` less ``block * shift``, see :func:`_exact_block`).
-    The loops over ``x`` subtract the rounded ``shift + mean`` once and correct
-    for its rounding per group (:func:`_rounded_mean`); layer and group norm's
-    ``dx`` loop computes ``(x - shift) - mean``. Either first subtraction is
-    exact for data with a large offset (Sterbenz), so nothing is lost to it,
-    and a constant feature gives exactly zero. Without centering (RMS norm)
+    The variance pass, the output loop and batch norm's gradient loops
+    subtract the rounded ``shift + mean`` once and correct for its rounding
+    per group (:func:`_rounded_mean`); layer and group norm's backward pass
+    computes ``(x - shift) - mean``. Either first subtraction is exact for
+    data with a large offset (Sterbenz), so nothing is lost to it, and a
+    constant feature gives exactly zero. Without centering (RMS norm)
     ``shift`` and ``mean`` are zeros and ``var`` is the mean square.
     """
 
@@ -272,7 +273,7 @@ def _rounded_mean(shift: Array, mean: Array) -> tuple[Array, Array]:
 
     The loops over ``x`` subtract the one rounded value (one operation per
     element) instead of ``shift`` and then ``mean``, and correct their results
-    for the error per feature: XLA:CPU's loops pay for every elementwise
+    for the error per group: XLA:CPU's loops pay for every elementwise
     operation fused into them. The rounded value is computed once per group
     (:func:`_per_group`), so no loop slices the shift out of ``x`` per element.
     ``shift - rounded`` is exact when the offset dominates the spread
@@ -395,7 +396,8 @@ def _normalize_fwd(
     if center:
         # (x - shift - mean) * scale = (x - rounded) * scale - error * scale, the second
         # term once per group (a division, see _std): one subtraction per element.
-        # With beta per group (batch norm), beta - error * scale is computed once per group.
+        # Where the offset beta - error * scale is per group (batch norm, or a norm
+        # without per-element gamma and beta), it is computed once per group.
         rounded, error = _distinct(_rounded_mean(stats.shift, stats.mean))
         correction = _over_std(error if gamma is None else error * gamma.astype(dtype), std)
         offset = -correction if beta is None else beta.astype(dtype) - correction
@@ -437,15 +439,17 @@ def _batch_norm_bwd(
         (dy, dy, dy, x, x, stats.shift, stats.shift, stats.mean, stats.mean))
     dy_sum, dy_dot, dy_dx = (zero_masked(d.astype(dtype), mask) for d in (dy_sum, dy_dot, dy_dx))
     sum_dy = jnp.sum(dy_sum, stat_axes, keepdims=True)
-    x_dot = x_dot.astype(dtype)
+    x_dot, x_dx = x_dot.astype(dtype), x_dx.astype(dtype)
     if center:
-        # sum(dy * (x - shift - mean)) = sum(dy * (x - rounded)) - error * sum(dy).
-        rounded, error = _rounded_mean(shift_dot, mean_dot)
-        x_dot = x_dot - rounded
+        # x - shift - mean = (x - rounded) - error (see _rounded_mean), for each use
+        # from its own handles.
+        rounded_dot, error_dot = _rounded_mean(shift_dot, mean_dot)
+        rounded_dx, error_dx = _rounded_mean(shift_dx, mean_dx)
+        x_dot, x_dx = x_dot - rounded_dot, x_dx - rounded_dx
     # Masked entries may hold inf/NaN padding: zero them after centering.
     sum_dy_centered = jnp.sum(dy_dot * zero_masked(x_dot, mask), stat_axes, keepdims=True)
     if center:
-        sum_dy_centered = sum_dy_centered - error * sum_dy
+        sum_dy_centered = sum_dy_centered - error_dot * sum_dy
     sum_dy_xhat = sum_dy_centered / std
     global_dy, global_dy_xhat = _psum((sum_dy, sum_dy_xhat), axis_name)
     # dx = a * dy - b * (x - shift - mean) - c = a * dy - b * (x - rounded) - (c - b * error),
@@ -453,13 +457,9 @@ def _batch_norm_bwd(
     # a = gamma / std, b = a * s2 / (N * std), c = a * s1 / N.
     g = jnp.ones((), dtype) if gamma is None else gamma.astype(dtype)
     count = stats.num_kept
-    x_dx = x_dx.astype(dtype)
-    if center:
-        rounded, error = _rounded_mean(shift_dx, mean_dx)
-        x_dx = x_dx - rounded
     dx = _over_std(gamma, std) * dy_dx - x_dx * (g * global_dy_xhat / (count * std * std))
     if center:
-        dx = dx - g * (global_dy - global_dy_xhat * error / std) / (count * std)
+        dx = dx - g * (global_dy - global_dy_xhat * error_dx / std) / (count * std)
     return dx, sum_dy_xhat, sum_dy
 
 
